@@ -1,0 +1,196 @@
+"""The one place where ONNX files are read and written.
+
+* Reading: checks the file exists and parses, loads external data, and remembers how the
+  weights were laid out (single file or external data) so a rewrite can keep that layout.
+* Writing: never over the input file, atomically (write to a temporary file in the target
+  folder, then rename), with external data automatically when the model is over 2 GB or the
+  source used external data; node metadata survives because we write the ``ModelProto`` we
+  were given, not a graphsurgeon round trip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from foldonnx.errors import ModelFileError
+
+__all__ = [
+    "LoadedModel",
+    "load_model",
+    "save_model",
+    "model_byte_size",
+    "TWO_GB",
+]
+
+logger = logging.getLogger(__name__)
+
+TWO_GB = 2**31 - 1  # protobuf's hard limit for one serialized message
+# Leave headroom for the graph structure around the weights.
+_EXTERNAL_THRESHOLD = int(1.8 * 2**30)
+
+
+@dataclass
+class LoadedModel:
+    """A model and where it came from."""
+
+    model: onnx.ModelProto
+    path: Path | None
+    external_data: bool  # the source file kept its weights in external data files
+
+    @property
+    def file_size(self) -> int:
+        """Bytes on disk: the .onnx file plus its external data files."""
+        if self.path is None:
+            return model_byte_size(self.model)
+        return _files_size(self.path, self.model)
+
+
+def _files_size(path: Path, model: onnx.ModelProto) -> int:
+    total = path.stat().st_size
+    seen: set[str] = set()
+    for init in model.graph.initializer:
+        for entry in init.external_data:
+            if entry.key == "location" and entry.value not in seen:
+                seen.add(entry.value)
+                loc = path.parent / entry.value
+                if loc.exists():
+                    total += loc.stat().st_size
+    return total
+
+
+def _uses_external_data(path: Path) -> bool:
+    """True when the file at *path* refers to external data (read without loading weights)."""
+    try:
+        shallow = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - reported by load_model
+        return False
+    return any(
+        init.data_location == onnx.TensorProto.EXTERNAL for init in shallow.graph.initializer
+    )
+
+
+def load_model(path: str | os.PathLike, *, load_weights: bool = True) -> LoadedModel:
+    """Load an ONNX file with its external data; one-line :class:`ModelFileError` on failure."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelFileError(f"model file not found: {p}")
+    if p.is_dir():
+        raise ModelFileError(f"model path is a directory, not an ONNX file: {p}")
+    if p.stat().st_size == 0:
+        raise ModelFileError(f"model file is empty: {p}")
+    external = _uses_external_data(p)
+    try:
+        model = onnx.load(str(p), load_external_data=load_weights)
+    except (DecodeError, RuntimeError, ValueError, OSError) as exc:
+        raise ModelFileError(f"cannot read ONNX model {p} (truncated or not ONNX?): {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - protobuf/onnx raise assorted types
+        raise ModelFileError(f"cannot read ONNX model {p}: {type(exc).__name__}: {exc}") from None
+    if not model.graph.node and not model.graph.output:
+        raise ModelFileError(f"{p} parsed but holds no graph (truncated or not an ONNX model?)")
+    logger.debug("loaded %s (%d nodes, external data: %s)", p, len(model.graph.node), external)
+    return LoadedModel(model=model, path=p, external_data=external)
+
+
+def model_byte_size(model: onnx.ModelProto) -> int:
+    """Size of the model if serialized in one piece (weights included)."""
+    total = 0
+    for init in model.graph.initializer:
+        total += len(init.raw_data) if init.HasField("raw_data") else _tensor_nbytes(init)
+    # graph structure is small next to weights; count it roughly without serializing twice
+    return total + 64 * len(model.graph.node)
+
+
+def _tensor_nbytes(t: onnx.TensorProto) -> int:
+    n = 1
+    for d in t.dims:
+        n *= d
+    try:
+        item = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    except Exception:  # noqa: BLE001
+        item = 4
+    return n * item
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def save_model(
+    model: onnx.ModelProto,
+    path: str | os.PathLike,
+    *,
+    source: str | os.PathLike | None = None,
+    external_data: bool | None = None,
+    check: bool = True,
+) -> Path:
+    """Write *model* to *path* atomically.
+
+    ``source`` is the input file; writing over it (or over its external data) is refused.
+    ``external_data=None`` picks external data when the source used it or the model is
+    over ~1.8 GB; the data file is ``<name>.data`` beside the output.
+    ``check`` runs ``onnx.checker`` first (by path for large models).
+    """
+    out = Path(path)
+    if source is not None and _same_file(Path(source), out):
+        raise ModelFileError(f"output path is the input file: {out} (choose another path)")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.exists():
+        raise ModelFileError(f"output folder does not exist: {parent}")
+    if not os.access(parent, os.W_OK):
+        raise ModelFileError(f"output folder is not writable: {parent}")
+    if out.is_dir():
+        raise ModelFileError(f"output path is a directory: {out}")
+
+    size = model_byte_size(model)
+    if external_data is None:
+        external_data = size > _EXTERNAL_THRESHOLD
+    data_name = out.name + ".data"
+    src_data = Path(source).parent / data_name if source is not None else None
+    if external_data and src_data is not None and _same_file(src_data, parent / data_name):
+        raise ModelFileError(f"output would overwrite the input's external data: {parent / data_name}")
+
+    tmpdir = Path(tempfile.mkdtemp(prefix=".foldonnx-", dir=parent))
+    try:
+        tmp_model = tmpdir / out.name
+        if external_data:
+            onnx.save_model(
+                model,
+                str(tmp_model),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=data_name,
+                size_threshold=1024,
+            )
+            # save_model with external data rewrites the in-memory initializers to refer to the
+            # file; load them back so the caller's model stays usable
+            onnx.load_external_data_for_model(model, str(tmpdir))
+        else:
+            onnx.save_model(model, str(tmp_model))
+        if check:
+            try:
+                onnx.checker.check_model(str(tmp_model))
+            except onnx.checker.ValidationError as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
+                raise ModelFileError(f"refusing to write an invalid model to {out}: {first}") from None
+        if external_data:
+            os.replace(tmpdir / data_name, parent / data_name)
+        os.replace(tmp_model, out)
+    finally:
+        for f in tmpdir.iterdir() if tmpdir.exists() else ():
+            with contextlib.suppress(OSError):
+                f.unlink()
+        with contextlib.suppress(OSError):
+            tmpdir.rmdir()
+    logger.info("wrote %s (%.1f MB%s)", out, size / 1e6, ", external data" if external_data else "")
+    return out
