@@ -50,13 +50,17 @@ class LoadedModel:
         """Bytes on disk: the .onnx file plus its external data files."""
         if self.path is None:
             return model_byte_size(self.model)
-        return _files_size(self.path, self.model)
+        if not self.external_data:
+            return self.path.stat().st_size
+        return _files_size(self.path)
 
 
-def _files_size(path: Path, model: onnx.ModelProto) -> int:
+def _files_size(path: Path) -> int:
     total = path.stat().st_size
     seen: set[str] = set()
-    for init in model.graph.initializer:
+    # loading external data clears the references from the in-memory model: read them again
+    shallow = onnx.load(str(path), load_external_data=False)
+    for init in shallow.graph.initializer:
         for entry in init.external_data:
             if entry.key == "location" and entry.value not in seen:
                 seen.add(entry.value)
@@ -160,7 +164,10 @@ def save_model(
     if external_data and src_data is not None and _same_file(src_data, parent / data_name):
         raise ModelFileError(f"output would overwrite the input's external data: {parent / data_name}")
 
-    tmpdir = Path(tempfile.mkdtemp(prefix=".foldonnx-", dir=parent))
+    try:
+        tmpdir = Path(tempfile.mkdtemp(prefix=".foldonnx-", dir=parent))
+    except OSError as exc:
+        raise ModelFileError(f"cannot write to {parent}: {exc.strerror or exc}") from None
     try:
         tmp_model = tmpdir / out.name
         if external_data:
@@ -186,6 +193,8 @@ def save_model(
         if external_data:
             os.replace(tmpdir / data_name, parent / data_name)
         os.replace(tmp_model, out)
+    except OSError as exc:
+        raise ModelFileError(f"cannot write {out}: {exc.strerror or exc}") from None
     finally:
         for f in tmpdir.iterdir() if tmpdir.exists() else ():
             with contextlib.suppress(OSError):
