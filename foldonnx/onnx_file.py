@@ -123,6 +123,12 @@ def _tensor_nbytes(t: onnx.TensorProto) -> int:
     return n * item
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
 def _same_file(a: Path, b: Path) -> bool:
     try:
         return a.resolve() == b.resolve() or (b.exists() and os.path.samefile(a, b))
@@ -190,8 +196,12 @@ def save_model(
             except onnx.checker.ValidationError as exc:
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
                 raise ModelFileError(f"refusing to write an invalid model to {out}: {first}") from None
-        if external_data:
-            os.replace(tmpdir / data_name, parent / data_name)
+        mode = 0o666 & ~_umask()
+        written = [tmpdir / data_name] if external_data and (tmpdir / data_name).exists() else []
+        for f in [*written, tmp_model]:
+            f.chmod(mode)
+        for f in written:
+            os.replace(f, parent / f.name)
         os.replace(tmp_model, out)
     except OSError as exc:
         raise ModelFileError(f"cannot write {out}: {exc.strerror or exc}") from None

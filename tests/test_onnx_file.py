@@ -123,3 +123,11 @@ def test_external_data_over_threshold(tmp_path, monkeypatch):
     x = np.ones((1, 4), np.float32)
     got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, x @ numpy_helper.to_array(model.graph.initializer[0]), rtol=1e-6)
+
+
+def test_external_data_with_only_small_tensors(tmp_path):
+    # every tensor under the external-data size threshold: no .data file, still a valid model
+    out = save_model(_tiny_model(4), tmp_path / "small.onnx", external_data=True)
+    assert load_model(out).model.graph.initializer[0].dims == [4, 4]
+    assert sorted(os.listdir(tmp_path)) == ["small.onnx"]
+    assert oct(os.stat(out).st_mode & 0o777) != oct(0o600)
