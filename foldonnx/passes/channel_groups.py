@@ -78,12 +78,16 @@ class DimRef:
 
     ``what`` is ``"channels"`` (the value equals ``channels``, e.g. num_heads) or ``"total"``
     (the value equals ``channels * unit``, e.g. the hidden width). A fold rewrites it.
+    ``multiple`` (added for issue 4): the value is ``multiple`` times that, e.g. the end of the k
+    slice of a fused qkv (``2 * D``) or a fused qkv width (``3 * D``) in a Reshape / Split / Slice.
+    ``node`` is the node that reads ``tensor`` directly.
     """
 
     tensor: str
     index: int  # flat index into that tensor
     what: str = "total"
     node: str = ""
+    multiple: int = 1
 
 
 @dataclass(frozen=True)
