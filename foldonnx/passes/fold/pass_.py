@@ -1,0 +1,547 @@
+"""The fold pass: cluster-and-merge (or magnitude-prune) channel groups of an ONNX model.
+
+``FoldPass(...).run(model) -> FoldResult(model, report)``; :func:`fold` is the functional API
+mirroring the ``fold-onnx fold`` command. The input model is never modified.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from foldonnx.errors import PassError, UsageError
+from foldonnx.onnx_file import LoadedModel, load_model
+from foldonnx.passes.channel_groups import ChannelGroup, GroupKind
+from foldonnx.passes.fold import numerics as nx
+from foldonnx.passes.fold.plan import METHODS, REPAIRS, GroupPlan, plan_group
+from foldonnx.passes.fold.rewrite import (
+    ModelTensors,
+    add_to_tensor,
+    clear_value_info,
+    weight_norms,
+    write_group,
+)
+from foldonnx.passes.report import ModelStats, mac_shapes, model_stats
+
+__all__ = [
+    "FoldPass",
+    "FoldResult",
+    "FoldReport",
+    "GroupReport",
+    "SkippedGroup",
+    "fold",
+    "parse_group_spec",
+    "DEFAULT_KINDS",
+]
+
+logger = logging.getLogger(__name__)
+
+# Kinds folded when --groups is not given. The residual stream is opt-in: on LayerNorm models
+# merging stream channels changes every LayerNorm's statistics (see README / report notes).
+DEFAULT_KINDS: tuple[str, ...] = ("mlp", "heads", "conv", "depthwise", "se")
+
+
+@dataclass
+class GroupReport:
+    """One folded (or pruned) group."""
+
+    id: int
+    kind: str
+    name: str
+    channels_before: int
+    channels_after: int
+    unit: int
+    ratio: float
+    method: str
+    repair: str
+    distortion: float
+    repair_factor_min: float | None = None
+    repair_factor_mean: float | None = None
+    repair_factor_max: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SkippedGroup:
+    id: int
+    kind: str
+    name: str
+    reason: str
+
+
+@dataclass
+class FoldReport:
+    """What a fold did: sizes before/after, per group, skipped groups, time."""
+
+    method: str
+    repair: str
+    seed: int
+    ratio: float | None
+    target_params: float | None
+    kind_ratios: dict[str, float]
+    before: ModelStats
+    after: ModelStats
+    groups: list[GroupReport] = field(default_factory=list)
+    skipped: list[SkippedGroup] = field(default_factory=list)
+    seconds: float = 0.0
+    analysis_seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def params_removed(self) -> float:
+        return 1.0 - self.after.params / max(self.before.params, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["params_removed"] = self.params_removed
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> FoldReport:
+        d = dict(d)
+        d.pop("params_removed", None)
+        return cls(
+            before=ModelStats.from_dict(d.pop("before")),
+            after=ModelStats.from_dict(d.pop("after")),
+            groups=[GroupReport(**g) for g in d.pop("groups", [])],
+            skipped=[SkippedGroup(**s) for s in d.pop("skipped", [])],
+            **d,
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> FoldReport:
+        return cls.from_dict(json.loads(text))
+
+
+@dataclass
+class FoldResult:
+    model: onnx.ModelProto
+    report: FoldReport
+
+
+def parse_group_spec(spec: str | Sequence[str] | Mapping[str, float] | None) -> dict[str, float | None]:
+    """``"mlp,heads"`` → ``{mlp: None, heads: None}``; ``"mlp=0.3,heads=0.2"`` → ratios."""
+    if spec is None:
+        return {}
+    if isinstance(spec, Mapping):
+        items = [(str(k), None if v is None else float(v)) for k, v in spec.items()]
+    else:
+        parts = spec.split(",") if isinstance(spec, str) else list(spec)
+        items = []
+        for part in parts:
+            part = part.strip()
+            if not part:
+                continue
+            name, eq, value = part.partition("=")
+            try:
+                items.append((name.strip(), float(value) if eq else None))
+            except ValueError:
+                raise UsageError(f"bad ratio in --groups entry {part!r}") from None
+    known = {k.value for k in GroupKind}
+    out: dict[str, float | None] = {}
+    for name, value in items:
+        if name not in known:
+            raise UsageError(f"unknown group kind {name!r} (known: {', '.join(sorted(known))})")
+        if value is not None:
+            _check_ratio(value, f"ratio for {name}")
+        out[name] = value
+    return out
+
+
+def _check_ratio(value: float, what: str = "ratio") -> None:
+    if not (0.0 <= value < 1.0) or not np.isfinite(value):
+        raise UsageError(f"{what} must be in [0, 1), got {value:g}")
+
+
+def _progress(items: Sequence, enabled: bool, desc: str) -> Iterable:
+    if not enabled:
+        return items
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return items
+    return tqdm(items, desc=desc, unit="group", leave=False)
+
+
+class FoldPass:
+    """Fold (cluster + merge) or magnitude-prune the channel groups of a model.
+
+    Parameters mirror the CLI: ``ratio`` (fraction of channels removed in every selected
+    group) or ``target_params`` (fraction of the model's parameters to remove, per-group ratios
+    from :func:`foldonnx.passes.fold.allocation.allocate_ratios`); ``groups`` selects kinds and
+    optional per-kind ratios; ``method`` is ``fold``, ``prune-l1`` or ``prune-l2``; ``repair``
+    is ``none``, ``ar`` (data-free) or ``data`` (needs ``calib``). ``channel_groups`` skips the
+    analysis (groups computed elsewhere). ``verify`` checks the result with onnx.checker and
+    ONNX Runtime (loads, runs on zeros, same output shapes). ``inplace`` folds the given
+    ModelProto itself instead of a copy (saves one model in memory; not with data repair).
+    """
+
+    def __init__(
+        self,
+        ratio: float | None = None,
+        *,
+        target_params: float | None = None,
+        groups: str | Sequence[str] | Mapping[str, float] | None = None,
+        method: str = "fold",
+        repair: str = "none",
+        calib: Any = None,
+        calib_limit: int = 64,
+        calib_preprocess: Any = None,
+        refit: bool = False,
+        seed: int = 0,
+        n_init: int = 3,
+        channel_groups: list[ChannelGroup] | None = None,
+        weighted_norms: bool = True,
+        mlp_correction: bool = False,
+        verify: bool = True,
+        inplace: bool = False,
+        progress: bool = False,
+    ) -> None:
+        if method not in METHODS:
+            raise UsageError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
+        if repair not in REPAIRS:
+            raise UsageError(f"unknown repair {repair!r} (choose from {', '.join(REPAIRS)})")
+        if repair == "data" and calib is None:
+            raise UsageError("--repair data needs calibration data (--calib SOURCE)")
+        if target_params is not None:
+            _check_ratio(target_params, "target-params")
+            if ratio is not None:
+                raise UsageError("give either a ratio or target-params, not both")
+        if ratio is not None:
+            _check_ratio(ratio)
+        self.kind_spec = parse_group_spec(groups)
+        if (
+            ratio is None
+            and target_params is None
+            and not any(v is not None for v in self.kind_spec.values())
+        ):
+            raise UsageError("give --ratio, --target-params or per-kind ratios in --groups")
+        self.ratio = ratio
+        self.target_params = target_params
+        self.method = method
+        self.repair = repair
+        self.calib = calib
+        self.calib_limit = calib_limit
+        self.calib_preprocess = calib_preprocess
+        self.refit = refit
+        self.seed = seed
+        self.n_init = n_init
+        self.channel_groups = channel_groups
+        self.weighted_norms = weighted_norms
+        self.mlp_correction = mlp_correction
+        self.inplace = inplace
+        self.verify = verify
+        self.progress = progress
+
+    # ------------------------------------------------------------------------------------
+    def _analyse(self, model: onnx.ModelProto) -> list[ChannelGroup]:
+        if self.channel_groups is not None:
+            return list(self.channel_groups)
+        try:
+            from foldonnx.passes.analysis import find_channel_groups
+        except ImportError as exc:
+            raise PassError(f"channel-group analysis is not available: {exc}") from None
+        return list(find_channel_groups(model))
+
+    def _select(
+        self, groups: list[ChannelGroup], model: onnx.ModelProto
+    ) -> tuple[dict[int, float], list[SkippedGroup], dict[str, float]]:
+        present = {g.kind.value for g in groups}
+        if self.kind_spec:
+            missing = [k for k in self.kind_spec if k not in present]
+            if missing:
+                raise UsageError(
+                    f"the model has no {', '.join(missing)} groups "
+                    f"(it has: {', '.join(sorted(present)) or 'none'})"
+                )
+            kinds = list(self.kind_spec)
+        else:
+            kinds = [k for k in DEFAULT_KINDS if k in present]
+        skipped: list[SkippedGroup] = []
+        chosen: list[ChannelGroup] = []
+        for g in groups:
+            if g.kind.value not in kinds:
+                continue
+            if not g.foldable:
+                skipped.append(SkippedGroup(g.id, g.kind.value, g.name, g.blocked or "blocked"))
+            elif g.channels < 2:
+                skipped.append(SkippedGroup(g.id, g.kind.value, g.name, "fewer than 2 channels"))
+            else:
+                chosen.append(g)
+        if not chosen:
+            raise PassError(f"no foldable groups of kind {', '.join(kinds) or '-'} in the model")
+        kind_ratios: dict[str, float] = {}
+        ratios: dict[int, float] = {}
+        if self.target_params is not None:
+            from foldonnx.passes.fold.allocation import allocate_ratios
+
+            ratios = allocate_ratios(
+                ModelTensors(model),
+                chosen,
+                self.target_params,
+                total_params=model_stats_params(model),
+                fixed={k: v for k, v in self.kind_spec.items() if v is not None},
+                method=self.method,
+                seed=self.seed,
+            )
+            kind_ratios = {k: v for k, v in self.kind_spec.items() if v is not None}
+        else:
+            for k in kinds:
+                v = self.kind_spec.get(k)
+                kind_ratios[k] = self.ratio if v is None else v
+                if kind_ratios[k] is None:
+                    raise UsageError(f"no ratio for group kind {k!r}: give --ratio or {k}=R")
+            ratios = {g.id: kind_ratios[g.kind.value] for g in chosen}
+        return ratios, skipped, kind_ratios
+
+    # ------------------------------------------------------------------------------------
+    def run(self, model: onnx.ModelProto | LoadedModel) -> FoldResult:
+        t0 = time.perf_counter()
+        file_size = None
+        if isinstance(model, LoadedModel):
+            file_size = model.file_size
+            model = model.model
+        groups = self._analyse(model)
+        t_analysis = time.perf_counter() - t0
+        by_id = {g.id: g for g in groups}
+        ratios, skipped, kind_ratios = self._select(groups, model)
+        ref_shapes = mac_shapes(model)
+        before = model_stats(model, file_size, reference=ref_shapes, probe=False)
+
+        reference = verify_reference(model) if self.verify else None
+        if self.inplace and self.repair != "data":
+            out = model  # the caller gave the model away: no second copy in memory
+        else:
+            out = onnx.ModelProto()
+            out.CopyFrom(model)
+        tensors = ModelTensors(out, dealias=True)
+        reports: list[GroupReport] = []
+        plans: list[GroupPlan] = []
+        todo = [by_id[i] for i in sorted(ratios)]
+        for g in _progress(todo, self.progress, f"{self.method} groups"):
+            ratio = ratios[g.id]
+            k = nx.target_channels(g.channels, ratio)
+            if k >= g.channels:
+                continue
+            try:
+                plan = plan_group(
+                    tensors,
+                    g,
+                    k,
+                    method=self.method,
+                    repair=self.repair if self.repair == "ar" else "none",
+                    seed=self.seed,
+                    n_init=self.n_init,
+                    mlp_correction=self.mlp_correction,
+                )
+                write_group(tensors, g, plan.merged, plan.k)
+                for node, tensor, delta in plan.extra:
+                    add_to_tensor(tensors, node, tensor, delta, f"g{g.id}")
+            except PassError as exc:
+                skipped.append(SkippedGroup(g.id, g.kind.value, g.name, str(exc)))
+                logger.warning("group %d (%s) skipped: %s", g.id, g.name, exc)
+                continue
+            plans.append(plan)
+            if g.norms and g.kind == GroupKind.RESIDUAL and self.weighted_norms and self.method == "fold":
+                plan.notes.extend(weight_norms(tensors, g, plan.merge.sizes))
+                plan.notes.append(f"{len(g.norms)} LayerNorm(s) weighted by n_c/n")
+            f = plan.repair_factors
+            reports.append(
+                GroupReport(
+                    id=g.id,
+                    kind=g.kind.value,
+                    name=g.name,
+                    channels_before=g.channels,
+                    channels_after=plan.k,
+                    unit=g.unit,
+                    ratio=ratio,
+                    method=self.method,
+                    repair=plan.repair,
+                    distortion=round(float(plan.distortion), 6),
+                    repair_factor_min=None if f is None else float(f.min()),
+                    repair_factor_mean=None if f is None else float(f.mean()),
+                    repair_factor_max=None if f is None else float(f.max()),
+                    notes=plan.notes,
+                )
+            )
+        clear_value_info(out)
+        notes: list[str] = []
+        if self.repair == "data" and plans:
+            from foldonnx.passes.fold.repair_data import repair_with_data
+
+            stats = repair_with_data(
+                model,
+                tensors,
+                plans,
+                self.calib,
+                limit=self.calib_limit,
+                preprocess=self.calib_preprocess,
+                refit=self.refit,
+                notes=notes,
+            )
+            by_gid = {r.id: r for r in reports}
+            for gid, fac in stats.items():
+                r = by_gid[gid]
+                r.repair = "data"
+                r.repair_factor_min, r.repair_factor_mean, r.repair_factor_max = (
+                    float(fac.min()),
+                    float(fac.mean()),
+                    float(fac.max()),
+                )
+        if self.verify:
+            verify_model(reference, out)
+        after = model_stats(out, reference=ref_shapes, probe=False)
+        report = FoldReport(
+            method=self.method,
+            repair=self.repair,
+            seed=self.seed,
+            ratio=self.ratio,
+            target_params=self.target_params,
+            kind_ratios=kind_ratios,
+            before=before,
+            after=after,
+            groups=reports,
+            skipped=skipped,
+            seconds=round(time.perf_counter() - t0, 3),
+            analysis_seconds=round(t_analysis, 3),
+            notes=notes,
+        )
+        logger.info(
+            "%s: %d groups, params %d -> %d (%.1f%% removed) in %.1f s",
+            self.method,
+            len(reports),
+            before.params,
+            after.params,
+            100 * report.params_removed,
+            report.seconds,
+        )
+        return FoldResult(model=out, report=report)
+
+
+def model_stats_params(model: onnx.ModelProto) -> int:
+    from foldonnx.passes.report import count_params
+
+    return count_params(model)
+
+
+def _zero_feeds(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    inits = {t.name for t in model.graph.initializer}
+    feeds = {}
+    for inp in model.graph.input:
+        if inp.name in inits:
+            continue
+        tt = inp.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else 1 for d in tt.shape.dim]
+        feeds[inp.name] = np.zeros(shape, dtype=onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
+    return feeds
+
+
+@dataclass
+class VerifyReference:
+    """What a folded model must keep: IO names, and the output shapes ORT gives on zeros."""
+
+    inputs: list[str]
+    outputs: list[str]
+    feeds: dict[str, np.ndarray]
+    shapes: list[tuple[int, ...]] | None
+
+
+def _run_shapes(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[tuple[int, ...]]:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return [tuple(o.shape) for o in sess.run(None, feeds)]
+
+
+def _is_big(model: onnx.ModelProto) -> bool:
+    return model.ByteSize() > 2**31 - 2**26
+
+
+def verify_reference(model: onnx.ModelProto) -> VerifyReference:
+    """Record the IO names and ORT output shapes of *model* (before folding it)."""
+    feeds = _zero_feeds(model)
+    shapes = None
+    if not _is_big(model):
+        try:
+            shapes = _run_shapes(model, feeds)
+        except Exception as exc:  # noqa: BLE001
+            logger.warning("the input model does not run in ONNX Runtime (%s); shapes not checked", exc)
+    return VerifyReference(
+        inputs=[i.name for i in model.graph.input],
+        outputs=[o.name for o in model.graph.output],
+        feeds=feeds,
+        shapes=shapes,
+    )
+
+
+def verify_model(reference: onnx.ModelProto | VerifyReference, folded: onnx.ModelProto) -> None:
+    """onnx.checker, same IO names, ORT loads and runs, same output shapes as the original."""
+    if isinstance(reference, onnx.ModelProto):
+        reference = verify_reference(reference)
+    big = _is_big(folded)
+    if not big:
+        try:
+            onnx.checker.check_model(folded)
+        except onnx.checker.ValidationError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid"
+            raise PassError(f"folded model fails onnx.checker: {first}") from None
+    if reference.inputs != [i.name for i in folded.graph.input] or reference.outputs != [
+        o.name for o in folded.graph.output
+    ]:
+        raise PassError("folded model changed input/output names")
+    if big or reference.shapes is None:
+        logger.info("skipping the in-memory ORT check (model over 2 GB or reference did not run)")
+        return
+    try:
+        shapes = _run_shapes(folded, reference.feeds)
+    except Exception as exc:  # noqa: BLE001
+        raise PassError(f"folded model does not run in ONNX Runtime: {str(exc).splitlines()[0]}") from None
+    if shapes != reference.shapes:
+        raise PassError(f"output shapes changed: {reference.shapes} -> {shapes}")
+
+
+def fold(
+    model_or_path: onnx.ModelProto | LoadedModel | str | os.PathLike,
+    ratio: float | None = None,
+    *,
+    target_params: float | None = None,
+    groups: str | Sequence[str] | Mapping[str, float] | None = None,
+    method: str = "fold",
+    repair: str = "none",
+    calib: Any = None,
+    seed: int = 0,
+    **kwargs: Any,
+) -> tuple[onnx.ModelProto, FoldReport]:
+    """Fold a model (ModelProto or path); returns ``(folded_model, report)``.
+
+    ``calib`` is a data SOURCE string (see :func:`foldonnx.models.data.load_source`), an
+    ``ImageSet``/``TensorSet`` or an array of preprocessed inputs.
+    """
+    if isinstance(model_or_path, (str, os.PathLike, Path)):
+        model_or_path = load_model(model_or_path)
+    p = FoldPass(
+        ratio,
+        target_params=target_params,
+        groups=groups,
+        method=method,
+        repair=repair,
+        calib=calib,
+        seed=seed,
+        **kwargs,
+    )
+    res = p.run(model_or_path)
+    return res.model, res.report

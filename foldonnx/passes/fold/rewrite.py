@@ -1,0 +1,400 @@
+"""Applying a merge to a ``ModelProto``: copy-on-write tensor edits, DimRefs, op handlers.
+
+The numbers are computed elsewhere (:mod:`foldonnx.passes.fold.numerics`); this module only
+knows where they go:
+
+* :class:`ModelTensors` indexes the model's constant tensors (initializers and ``Constant``
+  nodes) and their users, reads them as numpy arrays and writes them back (same dtype).
+  Before a group edits a tensor that some node outside the group also reads, the tensor is
+  copied and only the group's nodes are re-pointed at the copy (copy-on-write: exporters share
+  identical tensors between layers). Renames are remembered per (node, original name) so that
+  later groups find the tensor their node now reads.
+* :func:`write_group` writes merged member slices back (shrinking the channel axis of every
+  member tensor, keeping the scalars of a tensor that are not the group's — e.g. the k and v
+  parts of a fused qkv weight when another member is q) and rewrites DimRefs.
+* Op handlers (:data:`NODE_HANDLERS`) fix node attributes that encode a width (Conv ``group``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from foldonnx.errors import PassError
+from foldonnx.passes.channel_groups import ChannelGroup, Member
+
+__all__ = [
+    "ModelTensors",
+    "write_group",
+    "add_to_tensor",
+    "weight_norms",
+    "member_key",
+    "NODE_HANDLERS",
+    "clear_value_info",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def _iter_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _iter_nodes(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _iter_nodes(g)
+
+
+def member_key(m: Member) -> tuple[str, int, int, int | None, str]:
+    """Members that denote the same scalars (a tensor shared by several nodes of one group)."""
+    return (m.tensor, m.axis, m.offset, m.unit_stride, m.role.value)
+
+
+class ModelTensors:
+    """Constant tensors of a model (initializers and Constant outputs) with their users."""
+
+    def __init__(self, model: onnx.ModelProto, *, dealias: bool = False) -> None:
+        self.model = model
+        self.graph = model.graph
+        if dealias:
+            _dealias_identities(self.graph)
+        self.renames: dict[tuple[str, str], str] = {}
+        self._counter = 0
+        self.reindex()
+
+    def reindex(self) -> None:
+        """Rebuild the indexes after nodes were replaced (renames are kept)."""
+        self._init: dict[str, onnx.TensorProto] = {t.name: t for t in self.graph.initializer}
+        self._const: dict[str, onnx.NodeProto] = {}
+        self._users: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        self._by_name: dict[str, onnx.NodeProto] = {}
+        for node in _iter_nodes(self.graph):
+            if node.name:
+                self._by_name.setdefault(node.name, node)
+            if (
+                node.op_type == "Constant"
+                and len(node.output) == 1
+                and any(a.name == "value" for a in node.attribute)
+            ):
+                self._const[node.output[0]] = node
+            for name in node.input:
+                if name:
+                    self._users[name].append(node)
+
+    # -- lookup -------------------------------------------------------------------------
+    def node(self, name: str) -> onnx.NodeProto | None:
+        return self._by_name.get(name)
+
+    def has(self, name: str) -> bool:
+        return name in self._init or name in self._const
+
+    def users(self, name: str) -> list[onnx.NodeProto]:
+        return self._users.get(name, [])
+
+    def current(self, tensor: str, node: str = "") -> str:
+        """The name that *node* reads for the originally named *tensor* (after renames)."""
+        return self.renames.get((node, tensor), tensor) if node else tensor
+
+    def _proto(self, name: str) -> onnx.TensorProto:
+        if name in self._init:
+            return self._init[name]
+        if name in self._const:
+            for a in self._const[name].attribute:
+                if a.name == "value":
+                    return a.t
+        raise PassError(f"tensor {name!r} is not an initializer or Constant output")
+
+    def get(self, name: str) -> np.ndarray:
+        return numpy_helper.to_array(self._proto(name))
+
+    def set(self, name: str, array: np.ndarray) -> None:
+        """Replace the value of *name* (dtype of the original tensor kept)."""
+        old = self._proto(name)
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(old.data_type)
+        new = numpy_helper.from_array(np.asarray(array).astype(dtype, copy=False), name)
+        old.CopyFrom(new)
+
+    def numel(self, name: str) -> int:
+        return int(np.prod(self._proto(name).dims, dtype=np.int64))
+
+    # -- copy-on-write ------------------------------------------------------------------
+    def own(self, tensor: str, nodes: set[str], tag: str) -> str:
+        """Make sure only *nodes* read *tensor*; returns the name they read afterwards.
+
+        Empty *nodes* means "the caller owns every use" (no copy). Otherwise, when another
+        node reads the tensor too, a copy named ``<tensor>__<tag>`` is made and *nodes* are
+        re-pointed at it.
+        """
+        if not nodes or "" in nodes:
+            return tensor
+        users = self.users(tensor)
+        outside = [u for u in users if u.name not in nodes]
+        is_output = any(o.name == tensor for o in self.graph.output)
+        if not outside and not is_output:
+            return tensor
+        self._counter += 1
+        new_name = f"{tensor}__{tag}"
+        while self.has(new_name) or new_name in self._users:
+            new_name = f"{tensor}__{tag}_{self._counter}"
+            self._counter += 1
+        copy = onnx.TensorProto()
+        copy.CopyFrom(self._proto(tensor))
+        copy.name = new_name
+        self.graph.initializer.append(copy)
+        self._init[new_name] = self.graph.initializer[-1]
+        moved = []
+        for u in users:
+            if u.name in nodes:
+                for i, name in enumerate(u.input):
+                    if name == tensor:
+                        u.input[i] = new_name
+                moved.append(u)
+                orig = next((k[1] for k, v in self.renames.items() if v == tensor and k[0] == u.name), tensor)
+                self.renames[(u.name, orig)] = new_name
+        self._users[tensor] = [u for u in users if u not in moved]
+        self._users[new_name] = moved
+        logger.debug("copy-on-write: %s -> %s for %d node(s)", tensor, new_name, len(moved))
+        return new_name
+
+
+def _dealias_identities(graph: onnx.GraphProto) -> int:
+    """Make nodes read constants directly instead of through ``Identity`` copies (the
+    TorchScript exporter shares weights that way); unused Identity nodes are removed, so
+    copy-on-write sees the real users of every constant. Returns the number removed."""
+    consts = {t.name for t in graph.initializer}
+    consts |= {n.output[0] for n in graph.node if n.op_type == "Constant" and n.output}
+    alias: dict[str, str] = {}
+    for node in graph.node:
+        if node.op_type == "Identity" and node.input and node.input[0] in (consts | set(alias)):
+            alias[node.output[0]] = alias.get(node.input[0], node.input[0])
+    if not alias:
+        return 0
+    outputs = {o.name for o in graph.output}
+    for node in _iter_nodes(graph):
+        for i, name in enumerate(node.input):
+            if name in alias:
+                node.input[i] = alias[name]
+    keep = [
+        n
+        for n in graph.node
+        if not (n.op_type == "Identity" and n.output[0] in alias and n.output[0] not in outputs)
+    ]
+    removed = len(graph.node) - len(keep)
+    if removed:
+        del graph.node[:]
+        graph.node.extend(keep)
+    return removed
+
+
+def _conv_group_handler(node: onnx.NodeProto, old_width: int, new_width: int) -> None:
+    """Conv/ConvTranspose: a depthwise ``group`` equal to the channel count follows it."""
+    for a in node.attribute:
+        if a.name == "group" and a.i == old_width and a.i > 1:
+            a.i = new_width
+
+
+NODE_HANDLERS: dict[str, Callable[[onnx.NodeProto, int, int], None]] = {
+    "Conv": _conv_group_handler,
+    "ConvTranspose": _conv_group_handler,
+}
+
+
+def write_group(
+    tensors: ModelTensors,
+    group: ChannelGroup,
+    merged: dict[tuple, np.ndarray],
+    k: int,
+) -> list[str]:
+    """Write the merged slices of *group* (``member_key -> [k, unit, rest]``) into the model.
+
+    Every member tensor listed in *merged* loses the scalars of units ``k..n-1`` along its
+    axis and gets the merged values at units ``0..k-1``; other scalars of the tensor are kept
+    in order. DimRefs are rewritten to ``k`` / ``k·unit``. Returns the tensor names written.
+    """
+    n, unit = group.channels, group.unit
+    tag = f"g{group.id}"
+    # which nodes of this group read each tensor (copy-on-write decides on these)
+    nodes_of: dict[str, set[str]] = defaultdict(set)
+    for m in group.members:
+        nodes_of[m.tensor].add(m.node)
+    for d in group.dims:
+        nodes_of[d.tensor].add(d.node)
+    # resolve current names and take ownership once per original tensor
+    resolved: dict[str, str] = {}
+    for orig, nodes in nodes_of.items():
+        cur = {tensors.current(orig, nd) for nd in nodes} if nodes != {""} else {orig}
+        if len(cur) != 1:
+            raise PassError(f"group {group.id}: nodes reading {orig!r} read different copies {sorted(cur)}")
+        name = cur.pop()
+        if not tensors.has(name):
+            raise PassError(f"group {group.id}: member tensor {name!r} is not a constant")
+        resolved[orig] = tensors.own(name, nodes, tag)
+
+    # group members by (tensor, axis) and apply all their edits at once
+    by_tensor: dict[tuple[str, int], list[Member]] = defaultdict(list)
+    seen: set[tuple] = set()
+    for m in group.members:
+        key = member_key(m)
+        if key in seen or key not in merged:
+            continue
+        seen.add(key)
+        by_tensor[(resolved[m.tensor], m.axis)].append(m)
+    written = []
+    for (name, axis), members in by_tensor.items():
+        arr = tensors.get(name)
+        length = arr.shape[axis]
+        keep = np.ones(length, dtype=bool)
+        for m in members:
+            idx = m.indices(n, unit)
+            if idx.max() >= length:
+                raise PassError(
+                    f"group {group.id}: member {name!r} axis {axis} has {length} < {idx.max() + 1}"
+                )
+            keep[idx[k:].reshape(-1)] = False
+        new_pos = np.cumsum(keep) - 1
+        out = np.take(arr, np.nonzero(keep)[0], axis=axis)
+        out = np.moveaxis(out, axis, 0).copy()
+        for m in members:
+            idx = m.indices(n, unit)[:k]
+            vals = merged[member_key(m)]  # [k, unit, rest]
+            pos = new_pos[idx.reshape(-1)]
+            out[pos] = vals.reshape((k * unit,) + out.shape[1:]).astype(out.dtype)
+        tensors.set(name, np.moveaxis(out, 0, axis))
+        written.append(name)
+
+    # dims: Reshape targets, num_heads, split sizes, ...
+    done: set[tuple[str, int]] = set()
+    for d in group.dims:
+        name = resolved[d.tensor]
+        if (name, d.index) in done:
+            continue
+        done.add((name, d.index))
+        arr = tensors.get(name).copy()
+        flat = arr.reshape(-1)
+        old = n if d.what == "channels" else n * unit
+        new = k if d.what == "channels" else k * unit
+        if int(flat[d.index]) != old:
+            raise PassError(
+                f"group {group.id}: dim {name}[{d.index}] is {int(flat[d.index])}, expected {old}"
+            )
+        flat[d.index] = new
+        tensors.set(name, flat.reshape(arr.shape))
+        written.append(name)
+
+    # node attributes that encode the width (depthwise Conv group)
+    for m in group.members:
+        node = tensors.node(m.node) if m.node else None
+        if node is not None and node.op_type in NODE_HANDLERS:
+            NODE_HANDLERS[node.op_type](node, n * unit, k * unit)
+    return written
+
+
+def add_to_tensor(tensors: ModelTensors, node: str, tensor: str, delta: np.ndarray, tag: str) -> str:
+    """``tensor += delta`` for *node* only (copy-on-write when others read it too)."""
+    name = tensors.own(tensors.current(tensor, node), {node}, tag)
+    arr = tensors.get(name)
+    tensors.set(name, arr.astype(np.float64) + np.asarray(delta).reshape(arr.shape))
+    return name
+
+
+def clear_value_info(model: onnx.ModelProto) -> None:
+    """Drop intermediate shape annotations (stale after widths change; ORT would refuse them)."""
+    del model.graph.value_info[:]
+
+
+def weight_norms(tensors: ModelTensors, group: ChannelGroup, sizes: np.ndarray) -> list[str]:
+    """Make every LayerNorm over the folded stream weight merged channel ``c`` by ``n_c / n``.
+
+    A merged channel stands for ``n_c`` originals, so the mean and variance the LayerNorm
+    computes over the ``k`` merged channels must be ``Σ_c (n_c/n)·x_c`` and
+    ``Σ_c (n_c/n)·(x_c − μ)²`` — exact when the members were identical. Both ``ReduceMean``s of
+    a decomposed LayerNorm become ``MatMul(·, w)`` with ``w = n_c/n`` (shape ``[k, 1]``); a
+    fused ``LayerNormalization`` is decomposed the same way. Norms over another axis than the
+    last, or whose optional outputs are used, are left alone (returned as notes).
+    """
+    notes: list[str] = []
+    w = (np.asarray(sizes, dtype=np.float64) / float(np.sum(sizes))).reshape(-1, 1)
+    k = w.shape[0]
+    graph = tensors.graph
+    wname = f"fold_g{group.id}_norm_weights"
+    made = False
+
+    def weights_for(dtype: int) -> str:
+        nonlocal made
+        if not made:
+            np_dtype = onnx.helper.tensor_dtype_to_np_dtype(dtype)
+            graph.initializer.append(numpy_helper.from_array(w.astype(np_dtype), wname))
+            tensors._init[wname] = graph.initializer[-1]
+            made = True
+        return wname
+
+    for ref in group.norms:
+        if ref.kind == "layernorm_decomposed":
+            for name in ref.nodes:
+                node = tensors.node(name)
+                if node is None or node.op_type != "ReduceMean":
+                    continue
+                axes = [a.ints for a in node.attribute if a.name == "axes"]
+                if axes and list(axes[0]) not in ([-1],):
+                    notes.append(f"{name}: reduces over {list(axes[0])}, not the last axis")
+                    continue
+                axes_in = node.input[1] if len(node.input) > 1 else ""
+                if axes_in and tensors.has(axes_in) and tensors.get(axes_in).reshape(-1).tolist() != [-1]:
+                    notes.append(f"{name}: not a last-axis mean")
+                    continue
+                dtype = tensors._proto(ref.scale).data_type if ref.scale else onnx.TensorProto.FLOAT
+                x = node.input[0]
+                del node.input[:]
+                node.input.extend([x, weights_for(dtype)])
+                del node.attribute[:]
+                node.op_type = "MatMul"
+                node.domain = ""
+        elif ref.kind == "layernorm" and len(ref.nodes) == 1:
+            node = tensors.node(ref.nodes[0])
+            if node is None or node.op_type != "LayerNormalization":
+                continue
+            axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
+            if axis != -1 or any(o for o in node.output[1:]):
+                notes.append(f"{node.name}: axis {axis} or extra outputs; not weighted")
+                continue
+            eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+            scale = node.input[1]
+            dtype = tensors._proto(scale).data_type if tensors.has(scale) else onnx.TensorProto.FLOAT
+            np_dtype = onnx.helper.tensor_dtype_to_np_dtype(dtype)
+            p = f"{node.name or 'ln'}/fold"
+            eps_name = f"{p}_eps"
+            graph.initializer.append(numpy_helper.from_array(np.asarray(eps, dtype=np_dtype), eps_name))
+            wn = weights_for(dtype)
+            x, y = node.input[0], node.output[0]
+            bias = node.input[2] if len(node.input) > 2 and node.input[2] else ""
+            h = onnx.helper
+            new = [
+                h.make_node("MatMul", [x, wn], [f"{p}_mean"], name=f"{p}_mean"),
+                h.make_node("Sub", [x, f"{p}_mean"], [f"{p}_d"], name=f"{p}_sub"),
+                h.make_node("Mul", [f"{p}_d", f"{p}_d"], [f"{p}_d2"], name=f"{p}_sq"),
+                h.make_node("MatMul", [f"{p}_d2", wn], [f"{p}_var"], name=f"{p}_var"),
+                h.make_node("Add", [f"{p}_var", eps_name], [f"{p}_ve"], name=f"{p}_eps_add"),
+                h.make_node("Sqrt", [f"{p}_ve"], [f"{p}_sd"], name=f"{p}_sqrt"),
+                h.make_node("Div", [f"{p}_d", f"{p}_sd"], [f"{p}_n"], name=f"{p}_div"),
+                h.make_node("Mul", [f"{p}_n", scale], [f"{p}_s" if bias else y], name=f"{p}_scale"),
+            ]
+            if bias:
+                new.append(h.make_node("Add", [f"{p}_s", bias], [y], name=f"{p}_bias"))
+            nodes = list(graph.node)
+            idx = next(i for i, n in enumerate(nodes) if n.name == node.name and list(n.output) == [y])
+            nodes[idx : idx + 1] = new
+            del graph.node[:]
+            graph.node.extend(nodes)
+            tensors.reindex()
+        else:
+            notes.append(f"norm {ref.kind} {ref.nodes[:1]}: weighting not supported")
+    del k
+    tensors.reindex()
+    return notes

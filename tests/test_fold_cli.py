@@ -1,0 +1,134 @@
+"""`fold-onnx fold` end to end on tiny graphs, with the real channel-group analysis."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from test_fold_exact import _mlp_pair, attention_model, conv_bn_model, dup, init, run, split_dup
+
+from foldonnx.cli import main
+from foldonnx.passes.analysis import find_channel_groups
+from foldonnx.passes.fold import FoldReport, fold
+
+
+@pytest.fixture
+def mlp_files(tmp_path):
+    rng = np.random.default_rng(0)
+    narrow, doubled = _mlp_pair(rng)
+    src = tmp_path / "mlp.onnx"
+    onnx.save(doubled, src)
+    return narrow, doubled, src
+
+
+def test_cli_folds_and_writes_report(mlp_files, tmp_path, capsys):
+    narrow, _, src = mlp_files
+    out, rep = tmp_path / "out.onnx", tmp_path / "rep.json"
+    assert main(["fold", str(src), str(out), "--ratio", "0.5", "--report", str(rep)]) == 0
+    text = capsys.readouterr().out
+    assert "parameters" in text and "mlp" in text and "16 → 8" in text
+    folded = onnx.load(out)
+    onnx.checker.check_model(folded)
+    x = {"x": np.random.default_rng(1).normal(size=(1, 5, 6)).astype(np.float32)}
+    np.testing.assert_allclose(run(folded, x)[0], run(narrow, x)[0], atol=1e-5)
+    report = FoldReport.from_dict(json.loads(rep.read_text()))
+    assert report.groups[0].channels_after == 8
+    assert report.after.bytes == out.stat().st_size
+    assert [o.name for o in folded.graph.output] == ["y"] and folded.opset_import[0].version == 17
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--ratio", "1.0"], "ratio must be in [0, 1)"),
+        (["--ratio", "-0.1"], "ratio must be in [0, 1)"),
+        (["--ratio", "0.3", "--groups", "heads"], "has no heads groups"),
+        (["--ratio", "0.3", "--groups", "nonsense"], "unknown group kind"),
+        (["--ratio", "0.3", "--repair", "data"], "needs calibration data"),
+        ([], "give --ratio"),
+    ],
+)
+def test_cli_bad_input_one_line_error_nothing_written(mlp_files, tmp_path, capsys, args, message):
+    _, _, src = mlp_files
+    out = tmp_path / "out.onnx"
+    code = main(["fold", str(src), str(out), *args])
+    err = capsys.readouterr().err.strip()
+    assert code != 0
+    assert err.startswith("error: ") and message in err and "\n" not in err
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.onnx"]
+
+
+def test_cli_refuses_output_equal_to_input(mlp_files, capsys):
+    _, doubled, src = mlp_files
+    before = src.read_bytes()
+    assert main(["fold", str(src), str(src), "--ratio", "0.5"]) != 0
+    assert "output path is the input" in capsys.readouterr().err
+    assert src.read_bytes() == before
+
+
+def test_analysis_groups_fold_heads_and_conv_exactly():
+    """The real analysis on duplicated heads / conv+BN channels: folds back to 1e-5."""
+    rng = np.random.default_rng(3)
+    d, heads, hd = 8, 2, 3
+    w = rng.normal(size=(3, d, heads, hd)).astype(np.float32)
+    b = rng.normal(size=(3, heads, hd)).astype(np.float32)
+    wo = rng.normal(size=(heads, hd, d)).astype(np.float32)
+    narrow = attention_model(
+        w.transpose(1, 0, 2, 3).reshape(d, -1), b.reshape(-1), wo.reshape(-1, d), heads, hd
+    )
+    doubled = attention_model(
+        dup(w, 2).transpose(1, 0, 2, 3).reshape(d, -1),
+        dup(b, 1).reshape(-1),
+        split_dup(wo, 0, rng).reshape(-1, d),
+        2 * heads,
+        hd,
+    )
+    kinds = {g.kind.value for g in find_channel_groups(doubled) if g.foldable}
+    assert "heads" in kinds, kinds
+    folded, report = fold(doubled, 0.5, groups="heads")
+    x = {"x": rng.normal(size=(1, 5, d)).astype(np.float32)}
+    np.testing.assert_allclose(run(folded, x)[0], run(narrow, x)[0], atol=1e-5)
+    assert report.groups[0].channels_after == heads
+
+    c = 4
+    args = [
+        rng.normal(size=(c, 3, 3, 3)),
+        rng.normal(size=c),
+        rng.uniform(0.5, 2, c),
+        rng.normal(size=c),
+        rng.normal(size=c),
+        rng.uniform(0.5, 2, c),
+    ]
+    args = [a.astype(np.float32) for a in args]
+    w2 = rng.normal(size=(5, c, 1, 1)).astype(np.float32)
+    narrow = conv_bn_model(*args, w2)
+    doubled = conv_bn_model(*[dup(a, 0) for a in args], split_dup(w2, 1, rng))
+    for repair in ("none", "ar"):
+        folded, report = fold(doubled, 0.5, groups="conv", repair=repair)
+        x = {"x": rng.normal(size=(1, 3, 6, 6)).astype(np.float32)}
+        np.testing.assert_allclose(run(folded, x)[0], run(narrow, x)[0], atol=1e-5)
+        assert init(folded, "w1").shape[0] == c
+
+
+def test_target_params_allocation_meets_the_target(mlp_files):
+    _, doubled, _ = mlp_files
+    folded, report = fold(doubled, target_params=0.2)
+    removed = report.params_removed
+    assert 0.17 <= removed <= 0.23, removed
+    # a target out of reach is a one-line error
+    from foldonnx.errors import PassError
+
+    with pytest.raises(PassError, match="out of reach"):
+        fold(doubled, target_params=0.95)
+
+
+def test_package_level_api_mirrors_the_cli(mlp_files):
+    import foldonnx
+
+    narrow, _, src = mlp_files
+    folded, report = foldonnx.fold(src, 0.5, groups="mlp", method="prune-l2", seed=1)
+    assert report.method == "prune-l2" and report.groups[0].channels_after == 8
+    assert report.before.bytes > report.after.bytes
