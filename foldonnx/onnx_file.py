@@ -70,17 +70,6 @@ def _files_size(path: Path) -> int:
     return total
 
 
-def _uses_external_data(path: Path) -> bool:
-    """True when the file at *path* refers to external data (read without loading weights)."""
-    try:
-        shallow = onnx.load(str(path), load_external_data=False)
-    except Exception:  # noqa: BLE001 - reported by load_model
-        return False
-    return any(
-        init.data_location == onnx.TensorProto.EXTERNAL for init in shallow.graph.initializer
-    )
-
-
 def load_model(path: str | os.PathLike, *, load_weights: bool = True) -> LoadedModel:
     """Load an ONNX file with its external data; one-line :class:`ModelFileError` on failure."""
     p = Path(path)
@@ -90,13 +79,19 @@ def load_model(path: str | os.PathLike, *, load_weights: bool = True) -> LoadedM
         raise ModelFileError(f"model path is a directory, not an ONNX file: {p}")
     if p.stat().st_size == 0:
         raise ModelFileError(f"model file is empty: {p}")
-    external = _uses_external_data(p)
+    # parse once; then pull in external data (if any) from beside the file
     try:
-        model = onnx.load(str(p), load_external_data=load_weights)
+        model = onnx.load(str(p), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, OSError) as exc:
         raise ModelFileError(f"cannot read ONNX model {p} (truncated or not ONNX?): {exc}") from None
     except Exception as exc:  # noqa: BLE001 - protobuf/onnx raise assorted types
         raise ModelFileError(f"cannot read ONNX model {p}: {type(exc).__name__}: {exc}") from None
+    external = any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer)
+    if external and load_weights:
+        try:
+            onnx.load_external_data_for_model(model, str(p.parent))
+        except (OSError, ValueError, onnx.checker.ValidationError) as exc:
+            raise ModelFileError(f"cannot read the external data of {p}: {exc}") from None
     if not model.graph.node and not model.graph.output:
         raise ModelFileError(f"{p} parsed but holds no graph (truncated or not an ONNX model?)")
     logger.debug("loaded %s (%d nodes, external data: %s)", p, len(model.graph.node), external)

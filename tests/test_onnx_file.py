@@ -131,3 +131,12 @@ def test_external_data_with_only_small_tensors(tmp_path):
     assert load_model(out).model.graph.initializer[0].dims == [4, 4]
     assert sorted(os.listdir(tmp_path)) == ["small.onnx"]
     assert oct(os.stat(out).st_mode & 0o777) != oct(0o600)
+
+
+def test_missing_external_data_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(onnx_file, "_EXTERNAL_THRESHOLD", 64)
+    out = save_model(_tiny_model(64), tmp_path / "big.onnx")
+    (tmp_path / "big.onnx.data").unlink()
+    with pytest.raises(ModelFileError, match="external data") as info:
+        load_model(out)
+    assert "\n" not in str(info.value)
