@@ -1,0 +1,64 @@
+"""Measure and shrink models in ONNX Runtime: checked sessions, interleaved benchmarks,
+profiler tables, and INT8/FP16 quantization with a fidelity check.
+
+``bench``, ``profile`` and ``quantize`` mirror the ``fold-onnx bench|profile|quantize``
+commands; every result is a dataclass with ``to_dict``/``from_dict`` and JSON helpers.
+"""
+
+from __future__ import annotations
+
+from foldonnx.runtime.bench import bench
+from foldonnx.runtime.profile import compare_op_types, parse_trace, profile, profile_compare
+from foldonnx.runtime.quantize import QUANT_MODES, cosine_rows, fidelity, quantize
+from foldonnx.runtime.results import (
+    BenchResult,
+    FidelityReport,
+    LatencyStats,
+    NodeStat,
+    OpTypeRatio,
+    OpTypeStat,
+    ProfileComparison,
+    ProfileResult,
+    QuantizeResult,
+    dump_json,
+    load_json,
+)
+from foldonnx.runtime.session import (
+    PROVIDERS,
+    BatchSizeError,
+    RuntimeSession,
+    available_providers,
+    create_session,
+    make_inputs,
+    resolve_providers,
+)
+
+__all__ = [
+    "bench",
+    "profile",
+    "profile_compare",
+    "compare_op_types",
+    "parse_trace",
+    "quantize",
+    "fidelity",
+    "cosine_rows",
+    "QUANT_MODES",
+    "create_session",
+    "make_inputs",
+    "resolve_providers",
+    "available_providers",
+    "RuntimeSession",
+    "BatchSizeError",
+    "PROVIDERS",
+    "BenchResult",
+    "LatencyStats",
+    "ProfileResult",
+    "ProfileComparison",
+    "OpTypeStat",
+    "OpTypeRatio",
+    "NodeStat",
+    "FidelityReport",
+    "QuantizeResult",
+    "dump_json",
+    "load_json",
+]
