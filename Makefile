@@ -13,7 +13,10 @@ setup:
 
 demo: setup
 	@mkdir -p $(OUT)
-	$(BIN)/fold-onnx export efficientnet_lite0 $(OUT)/efficientnet_lite0.onnx
+	$(BIN)/fold-onnx export dinov2_s_backbone $(OUT)/dinov2_s_backbone.onnx
+	$(BIN)/fold-onnx fold $(OUT)/dinov2_s_backbone.onnx $(OUT)/dinov2_s_folded.onnx \
+		--target-params 0.2 --groups mlp,heads --report $(OUT)/dinov2_s_fold_report.json
+	$(BIN)/fold-onnx eval $(OUT)/dinov2_s_backbone.onnx $(OUT)/dinov2_s_folded.onnx --data imagenet20
 
 test: setup
 	$(BIN)/ruff check foldonnx tests tools
