@@ -17,7 +17,7 @@ from foldonnx.errors import FoldOnnxError
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
-COMMANDS: list[str] = ["export"]
+COMMANDS: list[str] = ["export", "inspect", "list_models", "eval", "sweep", "bench", "profile", "quantize", "fold"]
 
 
 def build_parser() -> argparse.ArgumentParser:

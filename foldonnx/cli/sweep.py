@@ -1,0 +1,101 @@
+"""``fold-onnx sweep MODEL.onnx --ratios ... --methods ...``: a size/quality/latency table and plot."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from foldonnx.cli.eval import add_data_arguments, build_evaluator, parse_floats
+from foldonnx.errors import UsageError
+
+__all__ = ["register", "run", "parse_options"]
+
+
+def parse_options(items: list[str] | None) -> dict[str, Any]:
+    """``KEY=VALUE`` strings -> dict (numbers and true/false converted)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--option needs KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from foldonnx.evaluate.sweep import QUANTIZE_MODES
+    from foldonnx.passes.registry import list_methods
+
+    p = subparsers.add_parser(
+        "sweep",
+        help="compress at several ratios with several methods; table + Pareto plot",
+        description="Run every method at every ratio (optionally quantized too), measure size, "
+        "fidelity/accuracy and interleaved latency, write DIR/sweep.json, sweep.md, pareto.png.",
+    )
+    p.add_argument("model", help="model to compress (.onnx)")
+    p.add_argument("--ratios", default="0.1,0.2,0.3,0.4", help="fractions of channels to remove")
+    p.add_argument(
+        "--methods",
+        default="fold,prune-l1",
+        help=f"registered methods, comma-separated ({', '.join(list_methods())})",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=sorted(QUANTIZE_MODES),
+        default=None,
+        help="also quantize every variant: int8 = ONNX Runtime dynamic INT8, int8-static = QDQ "
+        "calibrated on --calib (default: --data), fp16",
+    )
+    p.add_argument("--calib", default=None, metavar="SOURCE", help="calibration data for int8-static")
+    p.add_argument(
+        "--option", action="append", metavar="KEY=VALUE", help="passed to every method (repeatable)"
+    )
+    p.add_argument("--out", default="sweep", metavar="DIR", help="output folder (default: ./sweep)")
+    p.add_argument("--bench-iters", type=int, default=20, help="interleaved latency rounds (0: skip)")
+    p.add_argument("--bench-warmup", type=int, default=3)
+    p.add_argument("--reuse", action="store_true", help="reuse variant files an earlier run left in DIR")
+    add_data_arguments(p, data_required=False)
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from foldonnx.evaluate.plot import plot_pareto
+    from foldonnx.evaluate.sweep import run_sweep
+    from foldonnx.onnx_file import load_model
+
+    ratios = parse_floats(args.ratios, "--ratios") or []
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    load_model(args.model, load_weights=False)  # a missing/bad model fails before any work
+    if args.data is None and (args.probe_data or args.probe_train or args.probe_test):
+        raise UsageError("the linear probe needs --data (the fidelity set)")
+    evaluator = build_evaluator(args, args.model) if args.data else None
+    report = run_sweep(
+        args.model,
+        ratios=ratios,
+        methods=methods,
+        out_dir=args.out,
+        quantize=args.quantize,
+        evaluator=evaluator,
+        calib=args.calib or args.data,
+        bench_iters=args.bench_iters,
+        bench_warmup=args.bench_warmup,
+        threads=args.threads,
+        seed=args.seed,
+        method_options=parse_options(args.option),
+        reuse=args.reuse,
+    )
+    out = Path(args.out)
+    (out / "sweep.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    md = report.to_markdown()
+    (out / "sweep.md").write_text(md)
+    plot_pareto(report, out / "pareto.png")
+    print(md)
+    print(f"wrote {out / 'sweep.json'}, {out / 'sweep.md'}, {out / 'pareto.png'}", file=sys.stderr)
+    return 0 if any(p.ok for p in report.points if p.method != "original") else 1

@@ -1,0 +1,273 @@
+"""``fold-onnx sweep`` with toy methods registered here, on a tiny MLP classifier."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+import foldonnx.cli
+from foldonnx.errors import PassError
+from foldonnx.evaluate.stats import model_stats
+from foldonnx.evaluate.sweep import SweepReport
+from foldonnx.passes.registry import apply_method, get_method, list_methods, register_method
+
+H, FEAT, C = 32, 48, 10
+
+
+def main(argv: list[str]) -> int:
+    saved = list(foldonnx.cli.COMMANDS)
+    foldonnx.cli.COMMANDS[:] = ["sweep"]
+    try:
+        return foldonnx.cli.main(argv)
+    finally:
+        foldonnx.cli.COMMANDS[:] = saved
+
+
+def mlp(w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray) -> onnx.ModelProto:
+    inits = [
+        numpy_helper.from_array(a.astype(np.float32), n)
+        for a, n in ((w1, "W1"), (b1, "B1"), (w2, "W2"), (b2, "B2"))
+    ]
+    graph = helper.make_graph(
+        [
+            helper.make_node("Flatten", ["x"], ["f"], axis=1),
+            helper.make_node("Gemm", ["f", "W1", "B1"], ["h"], transB=1),
+            helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("Gemm", ["r", "W2", "B2"], ["logits"], transB=1),
+        ],
+        "mlp",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 4, 4])],
+        [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", C])],
+        inits,
+    )
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def _weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+
+
+@register_method("toy-prune", "test: keep the hidden units of largest L1 norm", replace=True)
+def _toy_prune(
+    model: onnx.ModelProto, ratio: float, *, seed: int = 0, **_: object
+) -> tuple[onnx.ModelProto, dict]:
+    w = _weights(model)
+    k = int(round(H * (1 - ratio)))
+    keep = np.sort(np.argsort(-np.abs(w["W1"]).sum(axis=1))[:k])
+    return mlp(w["W1"][keep], w["B1"][keep], w["W2"][:, keep], w["B2"]), {"kept": int(k), "groups": [1]}
+
+
+@register_method("toy-identity", "test: returns the model unchanged", replace=True)
+def _identity(
+    model: onnx.ModelProto, ratio: float, *, seed: int = 0, **_: object
+) -> tuple[onnx.ModelProto, dict]:
+    return model, {}
+
+
+@register_method("toy-fails", "test: refuses ratios above 0.3", replace=True)
+def _fails(
+    model: onnx.ModelProto, ratio: float, *, seed: int = 0, **_: object
+) -> tuple[onnx.ModelProto, dict]:
+    if ratio > 0.3:
+        raise PassError(f"cannot remove {ratio:.0%} of the channels")
+    return model, {}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("sweep")
+    rng = np.random.default_rng(0)
+    w1, b1 = rng.normal(size=(H, FEAT)), rng.normal(size=H) * 0.1
+    w2, b2 = rng.normal(size=(C, H)), np.zeros(C)
+    onnx.save(mlp(w1, b1, w2, b2), str(d / "mlp.onnx"))
+    x = rng.normal(size=(40, 3, 4, 4)).astype(np.float32)
+    logits = np.maximum(x.reshape(40, -1) @ w1.T + b1, 0) @ w2.T + b2
+    np.savez(d / "data.npz", x=x, labels=logits.argmax(axis=1))
+    return {"dir": d, "model": d / "mlp.onnx", "npz": d / "data.npz"}
+
+
+def test_registry_lists_builtins_and_rejects_unknown() -> None:
+    assert {"fold", "prune-l1", "prune-l2", "toy-prune"} <= set(list_methods())
+    assert get_method("toy-prune").description.startswith("test: keep")
+    from foldonnx.errors import UsageError
+
+    with pytest.raises(UsageError, match="unknown compression method 'nope'"):
+        get_method("nope")
+    with pytest.raises(ValueError):
+        register_method("toy-prune")(_toy_prune)
+
+
+def test_stats_count_params_and_macs() -> None:
+    rng = np.random.default_rng(1)
+    m = mlp(rng.normal(size=(H, FEAT)), np.zeros(H), rng.normal(size=(C, H)), np.zeros(C))
+    st = model_stats(m)
+    assert st.params == H * FEAT + H + C * H + C
+    assert st.macs == FEAT * H + H * C and st.unknown_nodes == 0
+    pruned, rep = apply_method("toy-prune", m, 0.25)
+    assert rep == {"kept": 24, "groups": [1]}
+    assert model_stats(pruned).params == 24 * FEAT + 24 + C * 24 + C
+
+
+def test_sweep_writes_table_json_and_png(setup: dict[str, Path]) -> None:
+    out = setup["dir"] / "out"
+    rc = main(
+        ["sweep", str(setup["model"]), "--ratios", "0.25,0.5", "--methods", "toy-prune,toy-identity",
+         "--data", str(setup["npz"]), "--task", "classifier", "--out", str(out), "--bench-iters", "5",
+         "--bench-warmup", "1", "--no-progress"]
+    )  # fmt: skip
+    assert rc == 0
+    rep = SweepReport.from_dict(json.loads((out / "sweep.json").read_text()))
+    names = [p.name for p in rep.points]
+    assert names == [
+        "original",
+        "toy-prune-r0.25",
+        "toy-prune-r0.5",
+        "toy-identity-r0.25",
+        "toy-identity-r0.5",
+    ]
+    assert all(p.ok for p in rep.points)
+    by = {p.name: p for p in rep.points}
+    orig = by["original"]
+    assert orig.params == H * FEAT + H + C * H + C and orig.macs == FEAT * H + H * C
+    assert by["toy-prune-r0.25"].params == 24 * FEAT + 24 + C * 24 + C
+    assert by["toy-prune-r0.5"].macs == FEAT * 16 + 16 * C
+    assert by["toy-prune-r0.5"].file_size < orig.file_size
+    assert by["toy-prune-r0.5"].method_report == {"kept": 16, "groups": 1}
+    # the unchanged model is a perfect copy; the original scores itself perfectly
+    for n in ("original", "toy-identity-r0.5"):
+        assert by[n].metrics["top1_agreement"] == 1.0 and by[n].metrics["kl_div"] == pytest.approx(
+            0, abs=1e-9
+        )
+        assert by[n].accuracy == 1.0
+    assert by["toy-prune-r0.5"].metrics["top1_agreement"] < 1.0
+    assert rep.reference_accuracy == 1.0 and rep.task == "classifier" and rep.n_samples == 40
+    # latency measured interleaved for every variant, as ratios to the original
+    assert all(p.latency_ms is not None and p.latency_ms > 0 for p in rep.points)
+    assert orig.latency_ratio == pytest.approx(1.0)
+    md = (out / "sweep.md").read_text()
+    assert md.count("\n| toy-") == 4 and "| original |" in md
+    assert "- ratio 0.5: toy-prune does **not** beat toy-identity (0.3500 vs 1.0000); top1_agreement" in md
+    from PIL import Image
+
+    with Image.open(out / "pareto.png") as im:
+        im.verify()
+    with Image.open(out / "pareto.png") as im:
+        assert im.format == "PNG" and im.size == (1800, 504)
+
+
+def test_sweep_records_failed_points_and_quantizes(setup: dict[str, Path]) -> None:
+    out = setup["dir"] / "q"
+    rc = main(
+        ["sweep", str(setup["model"]), "--ratios", "0.2,0.4", "--methods", "toy-fails", "--quantize", "int8",
+         "--out", str(out), "--bench-iters", "0"]
+    )  # fmt: skip
+    assert rc == 0  # one point worked
+    rep = SweepReport.from_dict(json.loads((out / "sweep.json").read_text()))
+    by = {p.name: p for p in rep.points}
+    assert set(by) == {"original", "toy-fails-r0.2", "toy-fails-r0.4", "original+int8", "toy-fails-r0.2+int8",
+                       "toy-fails-r0.4+int8"}  # fmt: skip
+    assert by["toy-fails-r0.4"].error == "cannot remove 40% of the channels"
+    assert by["toy-fails-r0.4+int8"].error == by["toy-fails-r0.4"].error
+    q = by["original+int8"]
+    assert q.ok and Path(q.path).is_file() and q.file_size < by["original"].file_size
+    assert q.params == by["original"].params  # int8 weights are still parameters
+    assert q.metrics == {} and q.latency_ms is None  # no data, no bench asked
+    assert "failed: cannot remove 40% of the channels" in (out / "sweep.md").read_text()
+
+
+def test_sweep_bad_input_one_line(setup: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+    rc = main(["sweep", str(setup["model"]), "--methods", "nope", "--out", str(setup["dir"] / "x")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error: unknown compression method 'nope'") and "\n" not in err
+    rc = main(["sweep", str(setup["model"]), "--ratios", "0.5,1.2", "--methods", "toy-identity"])
+    assert rc == 2 and "ratios must be in (0, 1)" in capsys.readouterr().err
+    rc = main(["sweep", str(setup["dir"] / "missing.onnx"), "--methods", "toy-identity"])
+    assert rc == 1 and "model file not found" in capsys.readouterr().err
+
+
+def test_compress_variants_reuses_earlier_files(setup: dict[str, Path]) -> None:
+    from foldonnx.evaluate.sweep import compress_variants
+
+    calls: list[float] = []
+
+    @register_method("toy-counted", "test: counts its calls", replace=True)
+    def _counted(model: onnx.ModelProto, ratio: float, *, seed: int = 0, **_: object) -> tuple:
+        calls.append(ratio)
+        return _toy_prune(model, ratio)
+
+    out = setup["dir"] / "reuse"
+    kw = dict(ratios=[0.25], methods=["toy-counted"], out_dir=out, reuse=True)
+    first = compress_variants(setup["model"], **kw)
+    second = compress_variants(setup["model"], **kw)
+    assert calls == [0.25]  # the second run took the file written by the first
+    assert second[1].path == first[1].path and second[1].method_report == {"kept": 24, "groups": 1}
+
+
+def test_macs_fall_back_to_onnx_runtime_when_inference_cannot_tell() -> None:
+    from foldonnx.evaluate.stats import _batch1_copy, _concrete
+
+    nodes = [  # a reshape target computed through float ops: data propagation gives up
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Cast", ["s"], ["sf"], to=onnx.TensorProto.FLOAT),
+        helper.make_node("Sqrt", ["sf"], ["sq"]),
+        helper.make_node("Mul", ["sq", "sq"], ["sq2"]),
+        helper.make_node("Cast", ["sq2"], ["si"], to=onnx.TensorProto.INT64),
+        helper.make_node("Reshape", ["x", "si"], ["y"]),
+        helper.make_node("MatMul", ["y", "W"], ["z"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.ones((16, 8), np.float32), "W")],
+    )  # fmt: skip
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    inferred = onnx.shape_inference.infer_shapes(_batch1_copy(m), data_prop=True)
+    y = next(v for v in inferred.graph.value_info if v.name == "y")
+    assert _concrete(y) is None  # the case the fallback exists for
+    st = model_stats(m)
+    assert (st.macs, st.unknown_nodes, st.params) == (16 * 8, 0, 16 * 8)
+
+
+def test_make_results_summary_redraws_from_json(tmp_path: Path) -> None:
+    import importlib.util
+    import sys
+
+    from foldonnx.evaluate.sweep import SweepPoint
+
+    pts = [SweepPoint("original", "original", 0.0, params=100, macs=1000, file_size=400, latency_ratio=1.0,
+                      accuracy=0.9, metrics={"top1_agreement": 1.0, "kl_div": 0.0})]  # fmt: skip
+    for r, acc, agree in ((0.2, 0.8, 0.9), (0.4, 0.5, 0.6)):
+        metrics = {"top1_agreement": agree, "kl_div": r}
+        pts.append(SweepPoint(f"m-r{r}", "m", r, params=int(100 * (1 - r)), macs=500, file_size=300,
+                              latency_ratio=1 - r, accuracy=acc, metrics=metrics))  # fmt: skip
+    rep = SweepReport(model="tiny.onnx", methods=["m"], ratios=[0.2, 0.4], quantize=None, data="d",
+                      task="classifier", reference_accuracy=0.9, points=pts)  # fmt: skip
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "tiny.json").write_text(json.dumps({**rep.to_dict(), "meta": {"command": "x", "git": "g"}}))
+    spec = importlib.util.spec_from_file_location(
+        "make_results", Path(__file__).parent.parent / "tools" / "make_results.py"
+    )
+    assert spec is not None and spec.loader is not None
+    tool = importlib.util.module_from_spec(spec)
+    sys.modules["make_results"] = tool  # dataclasses look their module up
+    try:
+        spec.loader.exec_module(tool)
+        assert tool.main(["--summary-only", "--out", str(results)]) == 0
+    finally:
+        del sys.modules["make_results"]
+    readme = (results / "README.md").read_text()
+    assert "## tiny" in readme and "| m-r0.4 |" in readme and "![tiny](tiny.png)" in readme
+    assert "Produced by `x` (git g" in readme
+    from PIL import Image
+
+    with Image.open(results / "tiny.png") as im:
+        assert im.size == (1800, 504)
+    assert (results / "tiny_top1_agreement.png").is_file()  # fidelity plot beside the accuracy one
