@@ -621,3 +621,131 @@ def test_data_repair_matches_merged_channel_statistics(rng):
     m1, s1 = bn_stats(folded)
     np.testing.assert_allclose(m1, merge.producer @ m0, atol=1e-4)
     np.testing.assert_allclose(s1, merge.producer @ s0, rtol=1e-3)
+
+
+# --------------------------------------------------------------------------- one tensor, two axes
+def square_residual_model(w0, w1, b1, w2):
+    """x -> conv0 -> a; b = conv1(a) (square 1x1: the group's producer *and* consumer);
+    y = conv2(a + b). MobileNetV3's first block has this shape (regression: issue 2)."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["a"], name="conv0"),
+        helper.make_node("Conv", ["a", "w1", "b1"], ["b"], name="conv1"),
+        helper.make_node("Add", ["a", "b"], ["s"], name="residual"),
+        helper.make_node("Conv", ["s", "w2"], ["y"], name="conv2"),
+    ]
+    inits = {"w0": w0, "w1": w1, "b1": b1, "w2": w2}
+    return _model(nodes, inits, [_vi("x", [1, 3, 5, 5])], [_vi("y", [1, 2, 5, 5])])
+
+
+def square_residual_group(c: int, consumer_first: bool) -> ChannelGroup:
+    prod = Member("w1", 0, Role.PRODUCER, node="conv1", op_type="Conv", param="weight")
+    cons = Member("w1", 1, Role.CONSUMER, node="conv1", op_type="Conv", param="weight")
+    return ChannelGroup(
+        id=6,
+        kind=GroupKind.DEPTHWISE,
+        channels=c,
+        members=(
+            Member("w0", 0, Role.PRODUCER, node="conv0", op_type="Conv", param="weight"),
+            *((cons, prod) if consumer_first else (prod, cons)),
+            Member("b1", 0, Role.PARAM, node="conv1", op_type="Conv", param="bias"),
+            Member("w2", 1, Role.CONSUMER, node="conv2", op_type="Conv", param="weight"),
+        ),
+    )
+
+
+@pytest.mark.parametrize("consumer_first", [False, True])
+@pytest.mark.parametrize("method", ["fold", "prune-l1"])
+def test_tensor_on_two_axes_of_a_group_merges_along_each(rng, consumer_first, method):
+    """``W1' = D·M·W1·Mᵀ``: rows averaged (producer), columns summed (consumer), one after the
+    other on the same tensor; duplicates fold back exactly, pruning keeps a c×c block."""
+    c = 3
+    w0 = rng.normal(size=(c, 3, 1, 1)).astype(np.float32)
+    w1 = rng.normal(size=(c, c, 1, 1)).astype(np.float32)
+    b1 = rng.normal(size=c).astype(np.float32)
+    w2 = rng.normal(size=(2, c, 1, 1)).astype(np.float32)
+    narrow = square_residual_model(w0, w1, b1, w2)
+    doubled = square_residual_model(
+        dup(w0, 0), dup(split_dup(w1, 1, rng), 0), dup(b1, 0), split_dup(w2, 1, rng)
+    )
+    x = {"x": rng.normal(size=(1, 3, 5, 5)).astype(np.float32)}
+    group = square_residual_group(2 * c, consumer_first)
+    folded, report = fold(doubled, 0.5, channel_groups=[group], method=method)
+    assert init(folded, "w1").shape == (c, c, 1, 1) and init(folded, "w2").shape == (2, c, 1, 1)
+    assert report.groups[0].channels_after == c
+    if method == "fold":
+        np.testing.assert_allclose(run(folded, x)[0], run(narrow, x)[0], atol=1e-5)
+        np.testing.assert_allclose(init(folded, "w1"), w1, atol=1e-6)
+    else:  # distinct channels: the pruned w1 is the kept rows x kept columns of the original
+        wide = square_residual_model(
+            rng.normal(size=(2 * c, 3, 1, 1)).astype(np.float32),
+            rng.normal(size=(2 * c, 2 * c, 1, 1)).astype(np.float32),
+            rng.normal(size=2 * c).astype(np.float32),
+            rng.normal(size=(2, 2 * c, 1, 1)).astype(np.float32),
+        )
+        pruned, _ = fold(wide, 0.5, channel_groups=[group], method=method)
+        keep = _kept(wide, pruned)
+        assert len(set(keep.tolist())) == c
+        np.testing.assert_allclose(init(pruned, "w1"), init(wide, "w1")[keep][:, keep], atol=1e-6)
+
+
+def _kept(before: onnx.ModelProto, after: onnx.ModelProto) -> np.ndarray:
+    """Indices of w0's rows that survived pruning (rows are matched by value)."""
+    w0, w0p = init(before, "w0")[:, :, 0, 0], init(after, "w0")[:, :, 0, 0]
+    return np.array([int(np.argmin(np.abs(w0 - r).sum(1))) for r in w0p])
+
+
+def test_square_conv_group_from_the_analysis_folds_exactly(rng):
+    """The analysis puts w1 on both axes of one group; the fold of its own groups is exact."""
+    from foldonnx.passes.analysis import find_channel_groups
+
+    c = 3
+    w0 = rng.normal(size=(c, 3, 1, 1)).astype(np.float32)
+    w1 = rng.normal(size=(c, c, 1, 1)).astype(np.float32)
+    b1 = rng.normal(size=c).astype(np.float32)
+    w2 = rng.normal(size=(2, c, 1, 1)).astype(np.float32)
+    doubled = square_residual_model(
+        dup(w0, 0), dup(split_dup(w1, 1, rng), 0), dup(b1, 0), split_dup(w2, 1, rng)
+    )
+    groups = find_channel_groups(doubled)
+    (g,) = [g for g in groups if any(m.tensor == "w1" for m in g.members)]
+    assert {m.axis for m in g.members if m.tensor == "w1"} == {0, 1}
+    folded, _ = fold(doubled, 0.5, channel_groups=groups, groups=g.kind.value)
+    x = {"x": rng.normal(size=(1, 3, 5, 5)).astype(np.float32)}
+    narrow = square_residual_model(w0, w1, b1, w2)
+    np.testing.assert_allclose(run(folded, x)[0], run(narrow, x)[0], atol=1e-5)
+
+
+# --------------------------------------------------------------------------- DimRef.multiple
+def test_dimref_multiple_is_rewritten_as_multiple_times_k(rng):
+    """A Reshape target holding ``5·h`` (tokens x hidden flattened, like SAM's windows x heads)
+    becomes ``5·k`` (issue 1: it stayed ``5·h`` and ORT refused the Reshape)."""
+    d, h = 4, 6
+    w1 = rng.normal(size=(d, h)).astype(np.float32)
+    w2 = rng.normal(size=(h, d)).astype(np.float32)
+
+    def model(w1, w2):
+        n = w1.shape[1]
+        nodes = [
+            helper.make_node("MatMul", ["x", "w1"], ["h0"], name="fc1"),
+            helper.make_node("Relu", ["h0"], ["h1"], name="act"),
+            helper.make_node("Reshape", ["h1", "flat"], ["f"], name="flatten"),
+            helper.make_node("Reshape", ["f", "unflat"], ["h2"], name="unflatten"),
+            helper.make_node("MatMul", ["h2", "w2"], ["y"], name="fc2"),
+        ]
+        inits = {"w1": w1, "w2": w2, "flat": np.array([1, 5 * n]), "unflat": np.array([1, 5, n])}
+        return _model(nodes, inits, [_vi("x", [1, 5, d])], [_vi("y", [1, 5, d])])
+
+    group = ChannelGroup(
+        id=7,
+        kind=GroupKind.MLP,
+        channels=2 * h,
+        members=(
+            Member("w1", 1, Role.PRODUCER, node="fc1", op_type="MatMul"),
+            Member("w2", 0, Role.CONSUMER, node="fc2", op_type="MatMul"),
+        ),
+        dims=(DimRef("flat", 1, "total", "flatten", multiple=5), DimRef("unflat", 2, "total", "unflatten")),
+    )
+    folded, _ = fold(model(dup(w1, 1), split_dup(w2, 0, rng)), 0.5, channel_groups=[group])
+    assert init(folded, "flat").tolist() == [1, 5 * h] and init(folded, "unflat").tolist() == [1, 5, h]
+    x = {"x": rng.normal(size=(1, 5, d)).astype(np.float32)}
+    np.testing.assert_allclose(run(folded, x)[0], run(model(w1, w2), x)[0], atol=1e-5)

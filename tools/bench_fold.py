@@ -281,6 +281,13 @@ def write(results: dict) -> None:
             "",
             f"load average during the run: {s['load_avg_1min']:.1f} on {s['cpu_count']} cores",
             "",
+            "Peak RSS right after `load_model` alone (imports + file bytes + parsed proto): "
+            f"{s.get('rss_after_load_bytes', float('nan')) / 1e6:.0f} MB = "
+            f"{s.get('rss_after_load_bytes', float('nan')) / s['file_bytes']:.2f} x the file; "
+            "the ORT reference and verification runs feed the weights as zero pages "
+            "(no copy), so the rest of the peak is the fold's own (protobuf arenas keep "
+            "the replaced tensors until the model is freed).",
+            "",
         ]
     if "fidelity" in old:
         f = old["fidelity"]

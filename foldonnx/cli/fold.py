@@ -58,9 +58,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--refit",
-        action="store_true",
-        help="with --repair data: also refit MLP consumers by least squares "
-        "(needs many in-distribution images)",
+        nargs="?",
+        const="ridge",
+        default="ridge",
+        choices=["none", "bias", "ridge"],
+        help="with --repair data: refit the consumers of MLP/heads groups (fc2, attention "
+        "out-proj) block by block on calibration data: ridge least squares (default), bias only, none",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--report", metavar="FILE.json", help="write the report as JSON")

@@ -7,7 +7,7 @@ import math
 from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
 
-from foldonnx.passes.analysis.dims import Atom
+from foldonnx.passes.analysis.dims import Atom, Expansion
 from foldonnx.passes.analysis.handlers import AnalysisState
 from foldonnx.passes.channel_groups import ChannelGroup, DimRef, GroupKind, Member, NormRef, Role
 
@@ -163,6 +163,12 @@ def build_groups(state: AnalysisState) -> list[ChannelGroup]:
         exp = solver.expand(sc.dim)
         atoms = [a for a in exp.atoms if a.cls in groups]
         if not atoms:
+            # a group's axis flattened as an inner factor of a wider axis (the windows x heads
+            # batch of windowed attention): the size is a multiple of the group's size
+            factor = _inner_factor_of_one_group(state, exp, sc.value, groups) if sc.kind == "size" else None
+            if factor is not None:
+                cls, what, multiple = factor
+                groups[cls].dims.append(DimRef(sc.tensor, sc.index, what, sc.node, multiple))
             continue
         if sc.kind == "size" and len(exp.atoms) == 1 and atoms[0].offset == 0:
             g = groups[atoms[0].cls]
@@ -249,6 +255,41 @@ def build_groups(state: AnalysisState) -> list[ChannelGroup]:
             )
         )
     return result
+
+
+def _inner_factor_of_one_group(
+    state: AnalysisState, exp: Expansion, value: int, groups: dict[int, _Draft]
+) -> tuple[int, str, int] | None:
+    """(group, what, m) when an axis of size ``value`` is a row-major flattening whose only
+    group-carrying factor is one whole inner axis of one group (``value`` = m x its count or
+    width); None otherwise."""
+    solver = state.solver
+    found: list[tuple[int, int]] = []  # (group class, size of the inner axis)
+    for k, _ in exp.inner:
+        root = solver.find(k)
+        classes = _atom_classes(state, root)[0] & set(groups)
+        if not classes:
+            continue
+        sub = solver.expand(root)
+        if root in groups:
+            found.append((root, solver.size[root]))
+        elif (
+            len(sub.atoms) == 1 and not sub.inner and sub.atoms[0].cls in groups and sub.atoms[0].offset == 0
+        ):
+            found.append((sub.atoms[0].cls, solver.size[root]))
+        else:
+            return None
+    if len(found) != 1:
+        return None
+    cls, size = found[0]
+    g = groups[cls]
+    if size <= 0 or value % size:
+        return None
+    if size == g.count:
+        return cls, "channels", value // size
+    if size == g.count * g.unit:
+        return cls, "total", value // size
+    return None
 
 
 def _prefix_of_one_group(atoms: list[Atom], value: int, groups: dict[int, _Draft]) -> tuple[int, int] | None:

@@ -26,7 +26,7 @@ import onnx
 from foldonnx.errors import PassError
 from foldonnx.passes.channel_groups import ChannelGroup, GroupKind, Member, Role
 from foldonnx.passes.fold import numerics as nx
-from foldonnx.passes.fold.rewrite import ModelTensors, member_key
+from foldonnx.passes.fold.rewrite import ModelTensors, axis_edits, member_key
 
 __all__ = ["GroupPlan", "plan_group", "group_features", "params_per_channel", "METHODS", "REPAIRS"]
 
@@ -217,6 +217,7 @@ def plan_group(
             factors = _repair_bn(tensors, members, slices, merged, bns, merge, notes)
         elif group.kind == GroupKind.MLP and mlp_correction:
             factors, extra = _repair_mlp(tensors, members, slices, merged, merge, prod_keys, notes)
+    _merge_along_axes(tensors, members, slices, merged, merge)
     return GroupPlan(
         group=group,
         merge=merge,
@@ -227,6 +228,47 @@ def plan_group(
         notes=notes,
         extra=extra if repair == "ar" and method == "fold" else [],
     )
+
+
+def _merge_along_axes(
+    tensors: ModelTensors,
+    members: dict[tuple, Member],
+    slices: dict[tuple, np.ndarray],
+    merged: dict[tuple, np.ndarray],
+    merge: nx.MergeMatrix,
+) -> None:
+    """Members of a tensor that holds the group on several axes (a square pointwise conv inside
+    a residual-coupled group: producer on axis 0, consumer on axis 1): the merge is applied
+    along each axis in turn (:func:`~foldonnx.passes.fold.rewrite.axis_edits` order), so the
+    values of a later axis are recomputed from the tensor merged along the earlier ones —
+    ``W' = D·M·W·Mᵀ``, as :func:`write_group` will write it."""
+    pairs = [(tensors.current(m.tensor, m.node), m) for m in members.values()]
+    axes: dict[str, set[int]] = {}
+    for name, m in pairs:
+        axes.setdefault(name, set()).add(m.axis)
+    multi = {name for name, a in axes.items() if len(a) > 1}
+    if not multi:
+        return
+    key_of = {id(m): key for key, m in members.items()}
+    n, k = merge.n, merge.k
+    unit = slices[next(iter(members))].shape[1]
+    done: set[str] = set()
+    current: dict[str, np.ndarray] = {}
+    for (name, axis), on_axis in axis_edits([p for p in pairs if p[0] in multi]).items():
+        if name not in current:
+            current[name] = tensors.get(name)
+        arr = current[name]
+        if name in done:  # a later axis: recompute from the tensor merged so far
+            for m in on_axis:
+                key = key_of[id(m)]
+                sl = nx.member_slice(arr, axis, m.indices(n, unit)).astype(np.float64)
+                merged[key] = (
+                    nx.apply_consumer(sl, merge) if m.role == Role.CONSUMER else nx.apply_producer(sl, merge)
+                )
+        done.add(name)
+        current[name] = nx.replace_channels(
+            arr, axis, [(m.indices(n, unit), merged[key_of[id(m)]]) for m in on_axis], k
+        )
 
 
 def _repair_bn(

@@ -19,18 +19,20 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from foldonnx.errors import PassError
-from foldonnx.passes.channel_groups import ChannelGroup, Member
+from foldonnx.passes.channel_groups import ChannelGroup, Member, Role
+from foldonnx.passes.fold import numerics as nx
 
 __all__ = [
     "ModelTensors",
     "write_group",
+    "axis_edits",
     "add_to_tensor",
     "weight_norms",
     "member_key",
@@ -206,6 +208,24 @@ NODE_HANDLERS: dict[str, Callable[[onnx.NodeProto, int, int], None]] = {
 }
 
 
+def axis_edits(pairs: Iterable[tuple[str, Member]]) -> dict[tuple[str, int], list[Member]]:
+    """Members grouped by (tensor name, axis), in the order their edits must be applied.
+
+    A tensor with members on several axes of one group is merged one axis at a time: axes
+    holding a producer / param member first (their values may carry a folded BN scaling),
+    consumer axes after, each computed on the tensor as the earlier axes left it."""
+    by: dict[tuple[str, int], list[Member]] = defaultdict(list)
+    for name, m in pairs:
+        by[(name, m.axis)].append(m)
+    first = {name: i for i, (name, _) in reversed(list(enumerate(pairs)))}
+
+    def rank(item: tuple[tuple[str, int], list[Member]]) -> tuple[int, int]:
+        (name, _axis), members = item
+        return first[name], 0 if any(m.role != Role.CONSUMER for m in members) else 1
+
+    return dict(sorted(by.items(), key=rank))
+
+
 def write_group(
     tensors: ModelTensors,
     group: ChannelGroup,
@@ -216,7 +236,8 @@ def write_group(
 
     Every member tensor listed in *merged* loses the scalars of units ``k..n-1`` along its
     axis and gets the merged values at units ``0..k-1``; other scalars of the tensor are kept
-    in order. DimRefs are rewritten to ``k`` / ``k·unit``. Returns the tensor names written.
+    in order. DimRefs are rewritten to ``multiple·k`` / ``multiple·k·unit``. Returns the tensor
+    names written.
     """
     n, unit = group.channels, group.unit
     tag = f"g{group.id}"
@@ -238,35 +259,28 @@ def write_group(
         resolved[orig] = tensors.own(name, nodes, tag)
 
     # group members by (tensor, axis) and apply all their edits at once
-    by_tensor: dict[tuple[str, int], list[Member]] = defaultdict(list)
+    pairs: list[tuple[str, Member]] = []
     seen: set[tuple] = set()
     for m in group.members:
         key = member_key(m)
         if key in seen or key not in merged:
             continue
         seen.add(key)
-        by_tensor[(resolved[m.tensor], m.axis)].append(m)
+        pairs.append((resolved[m.tensor], m))
+    by_tensor = axis_edits(pairs)
+    # a tensor with members on several axes (a square conv inside a residual-coupled group is
+    # both producer and consumer) is edited one axis at a time, in order of first appearance:
+    # plan_group computed the later axes' values on the tensor already merged along the
+    # earlier ones
     written = []
     for (name, axis), members in by_tensor.items():
         arr = tensors.get(name)
-        length = arr.shape[axis]
-        keep = np.ones(length, dtype=bool)
-        for m in members:
-            idx = m.indices(n, unit)
-            if idx.max() >= length:
-                raise PassError(
-                    f"group {group.id}: member {name!r} axis {axis} has {length} < {idx.max() + 1}"
-                )
-            keep[idx[k:].reshape(-1)] = False
-        new_pos = np.cumsum(keep) - 1
-        out = np.take(arr, np.nonzero(keep)[0], axis=axis)
-        out = np.moveaxis(out, axis, 0).copy()
-        for m in members:
-            idx = m.indices(n, unit)[:k]
-            vals = merged[member_key(m)]  # [k, unit, rest]
-            pos = new_pos[idx.reshape(-1)]
-            out[pos] = vals.reshape((k * unit,) + out.shape[1:]).astype(out.dtype)
-        tensors.set(name, np.moveaxis(out, 0, axis))
+        edits = [(m.indices(n, unit), merged[member_key(m)]) for m in members]
+        try:
+            out = nx.replace_channels(arr, axis, edits, k)
+        except ValueError as exc:
+            raise PassError(f"group {group.id}: member {name!r}: {exc}") from None
+        tensors.set(name, out)
         written.append(name)
 
     # dims: Reshape targets, num_heads, split sizes, ...
@@ -278,8 +292,9 @@ def write_group(
         done.add((name, d.index))
         arr = tensors.get(name).copy()
         flat = arr.reshape(-1)
-        old = n if d.what == "channels" else n * unit
-        new = k if d.what == "channels" else k * unit
+        base_old = n if d.what == "channels" else n * unit
+        base_new = k if d.what == "channels" else k * unit
+        old, new = d.multiple * base_old, d.multiple * base_new
         if int(flat[d.index]) != old:
             raise PassError(
                 f"group {group.id}: dim {name}[{d.index}] is {int(flat[d.index])}, expected {old}"

@@ -1,0 +1,232 @@
+"""Data repair by consumer refit: the numerics on arrays, and the sequential refit on tiny
+two-block residual MLPs (hand-built channel groups), plus the augmented calibration set."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from foldonnx.passes.channel_groups import ChannelGroup, GroupKind, Member, Role
+from foldonnx.passes.fold import fold
+from foldonnx.passes.fold.repair_data import (
+    LsqStats,
+    bias_correction,
+    choose_refit,
+    lsq_error,
+    ridge_refit,
+)
+
+D, H, T = 6, 8, 5
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+# ------------------------------------------------------------------------- numerics
+def _stats(h, y):
+    s = LsqStats()
+    s.add(h, y)
+    return s
+
+
+def test_lsq_error_matches_direct_computation(rng):
+    h, y = rng.normal(size=(50, 4)), rng.normal(size=(50, 3))
+    w, d = rng.normal(size=(4, 3)), rng.normal(size=3)
+    direct = float(np.mean(np.sum((h @ w + d - y) ** 2, axis=1)))
+    assert lsq_error(_stats(h, y), w, d) == pytest.approx(direct, rel=1e-9)
+
+
+def test_ridge_refit_recovers_a_planted_linear_consumer(rng):
+    h = rng.normal(size=(400, 12)) + 3.0
+    w_true, b_true = rng.normal(size=(12, 4)), rng.normal(size=4)
+    y = h @ w_true + b_true
+    train, val = _stats(h[:300], y[:300]), _stats(h[300:], y[300:])
+    w0 = rng.normal(size=(12, 4))
+    w, d, label, errs = choose_refit(train, val, w0, "ridge")
+    assert label == "ridge1e-06"
+    np.testing.assert_allclose(w, w_true, atol=1e-4)
+    np.testing.assert_allclose(d, b_true, atol=1e-3)
+    assert errs[label] < 1e-6 * errs["none"]
+
+
+def test_large_ridge_tends_to_the_bias_corrected_merged_weights(rng):
+    h, y = rng.normal(size=(200, 5)), rng.normal(size=(200, 2)) + 4.0
+    s = _stats(h, y)
+    w0 = rng.normal(size=(5, 2))
+    ((w, d),) = ridge_refit(s, w0, [1e9])
+    np.testing.assert_allclose(w, w0, atol=1e-6)
+    np.testing.assert_allclose(d, bias_correction(s, w0), atol=1e-6)
+    # the bias correction matches the output mean per channel
+    np.testing.assert_allclose((h @ w0 + bias_correction(s, w0)).mean(0), y.mean(0), atol=1e-9)
+
+
+def test_ridge_never_raises_the_training_error_above_the_merged_weights(rng):
+    h, y = rng.normal(size=(60, 10)), rng.normal(size=(60, 3))
+    s = _stats(h, y)
+    w0 = rng.normal(size=(10, 3))
+    base = lsq_error(s, w0, bias_correction(s, w0))
+    assert base <= lsq_error(s, w0, np.zeros(3))
+    for w, d in ridge_refit(s, w0, [1e-6, 1e-2, 1.0, 100.0]):
+        assert lsq_error(s, w, d) <= base + 1e-9
+
+
+def test_bias_mode_never_changes_weights(rng):
+    h, y = rng.normal(size=(80, 4)), rng.normal(size=(80, 2)) + 1.0
+    w0 = rng.normal(size=(4, 2))
+    w, d, label, _ = choose_refit(_stats(h[:60], y[:60]), _stats(h[60:], y[60:]), w0, "bias")
+    assert label in ("none", "bias")
+    np.testing.assert_array_equal(w, w0)
+
+
+# ------------------------------------------------------------------------- graphs
+def _two_block_model(blocks) -> onnx.ModelProto:
+    """x[N,T,D] -> 2 × (r + fc2(relu(fc1(r) + b1)) + b2)."""
+    nodes, inits = [], {}
+    r = "x"
+    for i, (w1, b1, w2, b2) in enumerate(blocks):
+        p = f"l{i}_"
+        nodes += [
+            helper.make_node("MatMul", [r, p + "w1"], [p + "h0"], name=p + "fc1"),
+            helper.make_node("Add", [p + "h0", p + "b1"], [p + "h1"], name=p + "fc1_bias"),
+            helper.make_node("Relu", [p + "h1"], [p + "h2"], name=p + "act"),
+            helper.make_node("MatMul", [p + "h2", p + "w2"], [p + "y0"], name=p + "fc2"),
+            helper.make_node("Add", [p + "y0", p + "b2"], [p + "y1"], name=p + "fc2_bias"),
+            helper.make_node("Add", [r, p + "y1"], [p + "r"], name=p + "residual"),
+        ]
+        inits.update({p + "w1": w1, p + "b1": b1, p + "w2": w2, p + "b2": b2})
+        r = p + "r"
+    vi = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", T, D]) for n in ("x", r)]
+    graph = helper.make_graph(
+        nodes, "g", vi[:1], vi[1:],
+        initializer=[numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()],
+    )  # fmt: skip
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    return m
+
+
+def _groups(n: int, h: int) -> list[ChannelGroup]:
+    return [
+        ChannelGroup(
+            id=i,
+            kind=GroupKind.MLP,
+            channels=h,
+            name=f"mlp{i}",
+            members=(
+                Member(f"l{i}_w1", 1, Role.PRODUCER, node=f"l{i}_fc1", op_type="MatMul", param="weight"),
+                Member(f"l{i}_b1", 0, Role.PARAM, node=f"l{i}_fc1_bias", op_type="Add", param="bias"),
+                Member(f"l{i}_w2", 0, Role.CONSUMER, node=f"l{i}_fc2", op_type="MatMul", param="weight"),
+            ),
+        )
+        for i in range(n)
+    ]
+
+
+def _run(model, x, outputs=None):
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for name in outputs or []:
+        m.graph.output.add().name = name
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x})
+
+
+def _init(model, name):
+    return next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == name)
+
+
+def test_refit_recovers_a_planted_consumer_after_pruning(rng):
+    """Half the hidden units are 0.3× copies of the other half (ReLU is positively homogeneous),
+    so the original fc2 output is linear in the units prune-l1 keeps: the refit finds it."""
+    blocks = []
+    for _ in range(2):
+        w1, b1 = rng.normal(size=(D, H // 2)), rng.normal(size=H // 2)
+        w2 = rng.normal(size=(H, D)) * np.repeat([1.0, 0.3], H // 2)[:, None]
+        blocks.append((np.hstack([w1, 0.3 * w1]), np.hstack([b1, 0.3 * b1]), w2, rng.normal(size=D)))
+    model = _two_block_model(blocks)
+    calib = rng.normal(size=(48, T, D)).astype(np.float32)
+    x = rng.normal(size=(4, T, D)).astype(np.float32)
+    ref = _run(model, x)[0]
+    plain, _ = fold(model, 0.5, channel_groups=_groups(2, H), method="prune-l1")
+    refit, report = fold(
+        model, 0.5, channel_groups=_groups(2, H), method="prune-l1", repair="data", calib=calib, refit="ridge"
+    )
+    assert [g.channels_after for g in report.groups] == [H // 2, H // 2]
+    assert _init(refit, "l0_w2").shape == (H // 2, D)
+    onnx.checker.check_model(refit)
+    assert np.abs(_run(plain, x)[0] - ref).max() > 0.1  # pruning alone is far off
+    np.testing.assert_allclose(_run(refit, x)[0], ref, atol=1e-3)
+    assert any("consumer refit (ridge)" in n for n in report.notes)
+
+
+@pytest.mark.parametrize("mode", ["bias", "ridge"])
+def test_sequential_refit_never_worsens_a_block_output_on_the_calibration_set(rng, mode):
+    """Each block's consumer output, computed from the refit model's own hidden activations,
+    is at least as close to the original's as with the merged weights on the same activations."""
+    blocks = [
+        (rng.normal(size=(D, H)), rng.normal(size=H), rng.normal(size=(H, D)), rng.normal(size=D))
+        for _ in range(2)
+    ]
+    model = _two_block_model(blocks)
+    calib = rng.normal(size=(64, T, D)).astype(np.float32)
+    merged, _ = fold(model, 0.5, channel_groups=_groups(2, H))
+    refit, report = fold(model, 0.5, channel_groups=_groups(2, H), repair="data", calib=calib, refit=mode)
+    names = [f"l{i}_{v}" for i in range(2) for v in ("h2", "y1")]
+    orig = dict(zip(names, _run(model, calib, names)[1:], strict=True))
+    mine = dict(zip(names, _run(refit, calib, names)[1:], strict=True))
+    improved = 0
+    for i in range(2):
+        h, target = mine[f"l{i}_h2"], orig[f"l{i}_y1"]
+        e_merged = np.mean((h @ _init(merged, f"l{i}_w2") + _init(merged, f"l{i}_b2") - target) ** 2)
+        e_refit = np.mean((h @ _init(refit, f"l{i}_w2") + _init(refit, f"l{i}_b2") - target) ** 2)
+        assert e_refit <= e_merged * (1 + 1e-5), (i, e_refit, e_merged)
+        improved += e_refit < 0.99 * e_merged
+        if mode == "bias":
+            np.testing.assert_array_equal(_init(refit, f"l{i}_w2"), _init(merged, f"l{i}_w2"))
+    assert improved >= 1
+    e_final = [np.mean((_run(m, calib)[0] - _run(model, calib)[0]) ** 2) for m in (merged, refit)]
+    assert e_final[1] < e_final[0]
+
+
+def test_refit_none_leaves_the_folded_model_unchanged(rng):
+    blocks = [
+        (rng.normal(size=(D, H)), rng.normal(size=H), rng.normal(size=(H, D)), rng.normal(size=D))
+        for _ in range(2)
+    ]
+    model = _two_block_model(blocks)
+    calib = rng.normal(size=(16, T, D)).astype(np.float32)
+    a, _ = fold(model, 0.5, channel_groups=_groups(2, H))
+    b, _ = fold(model, 0.5, channel_groups=_groups(2, H), repair="data", calib=calib, refit="none")
+    x = rng.normal(size=(2, T, D)).astype(np.float32)
+    np.testing.assert_array_equal(_run(a, x)[0], _run(b, x)[0])
+
+
+# ------------------------------------------------------------------------- calibration set
+def test_augmented_calibration_set_is_seeded_and_sized():
+    from foldonnx.passes.fold.calibration import augmented_images, parse_augmented
+
+    a = augmented_images(12, size=64, seed=3)
+    b = augmented_images(12, size=64, seed=3)
+    c = augmented_images(12, size=64, seed=4)
+    assert len(a) == 12 and all(im.shape == (64, 64, 3) and im.dtype == np.uint8 for im in a.images)
+    assert all(np.array_equal(x, y) for x, y in zip(a.images, b.images, strict=True))
+    assert not all(np.array_equal(x, y) for x, y in zip(a.images, c.images, strict=True))
+    assert parse_augmented("augmented") == 256 and parse_augmented("augmented:40") == 40
+    assert parse_augmented("photos") is None
+
+
+def test_calibration_inputs_accepts_the_augmented_source():
+    from foldonnx.passes.fold.repair_data import calibration_inputs
+
+    vi = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 3, 32, 32]) for n in ("img", "out")]
+    graph = helper.make_graph([helper.make_node("Identity", ["img"], ["out"])], "g", vi[:1], vi[1:])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = calibration_inputs(model, "augmented:6", limit=4)
+    assert list(feeds) == ["img"] and feeds["img"].shape == (4, 3, 32, 32)
+    assert feeds["img"].dtype == np.float32 and np.isfinite(feeds["img"]).all()
