@@ -17,7 +17,9 @@ from foldonnx.errors import FoldOnnxError
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
-COMMANDS: list[str] = ["export", "inspect", "list_models", "eval", "sweep", "bench", "profile", "quantize", "fold"]
+COMMANDS: list[str] = [
+    "export", "list_models", "inspect", "fold", "quantize", "eval", "sweep", "bench", "profile",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
