@@ -125,6 +125,42 @@ def test_target_params_allocation_meets_the_target(mlp_files):
         fold(doubled, target_params=0.95)
 
 
+def _chain_mlp(rng: np.random.Generator) -> onnx.ModelProto:
+    """x[1,6] -> 32 -> 32 -> y[1,4]: the middle weight carries both hidden groups (axes 0 and 1)."""
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    ws = [rng.normal(size=s).astype(np.float32) for s in [(6, 32), (32, 32), (32, 4)]]
+    nodes = [
+        h.make_node("MatMul", ["x", "w0"], ["a0"], name="mm0"),
+        h.make_node("Relu", ["a0"], ["r0"], name="relu0"),
+        h.make_node("MatMul", ["r0", "w1"], ["a1"], name="mm1"),
+        h.make_node("Relu", ["a1"], ["r1"], name="relu1"),
+        h.make_node("MatMul", ["r1", "w2"], ["y"], name="mm2"),
+    ]
+    graph = h.make_graph(
+        nodes,
+        "chain",
+        [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 6])],
+        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])],
+        [nh.from_array(w, f"w{i}") for i, w in enumerate(ws)],
+    )
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("method", ["fold", "prune-l1"])
+@pytest.mark.parametrize("target", [0.3, 0.5])
+def test_target_params_counts_tensors_shared_by_two_groups_exactly(method, target):
+    """w1 shrinks on both axes: (32-a)(32-b) scalars, not 1024 - 32a - 32b. The allocation must
+    count that product, so the folded model is off the target by less than one channel."""
+    model = _chain_mlp(np.random.default_rng(0))
+    assert sum(g.foldable for g in find_channel_groups(model)) == 2
+    _, report = fold(model, target_params=target, groups="mlp", method=method)
+    one_channel = (6 + 32 + 32 + 4) / report.before.params  # the most one channel can weigh
+    assert abs(report.params_removed - target) <= one_channel / 2 + 1e-9, report.params_removed
+    assert {g.channels_after < 32 for g in report.groups} == {True}
+
+
 def test_package_level_api_mirrors_the_cli(mlp_files):
     import foldonnx
 

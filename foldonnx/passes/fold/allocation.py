@@ -11,8 +11,9 @@ Criterion (data-free, greedy, "cheapest distortion per parameter first"):
    clustering, so the cost is measured in the weights the merge actually changes.
 2. Starting from ratio 0 everywhere, we repeatedly raise, by one grid step, the group with the
    smallest ``ΔD_g / Δparams`` (distortion added per parameter removed), until the removed
-   parameters reach ``F`` of the model. The last step is cut to the exact ratio that meets
-   the target.
+   parameters reach ``F`` of the model. Parameters are counted exactly
+   (:class:`ParamLedger`: a tensor carrying two groups on different axes shrinks as a
+   product), and the last step stops at the channel count nearest the target.
 
 3. Fan-out: ``D_g`` is multiplied by the number of distinct consumer nodes of the group. A
    residual-coupled stream (EfficientNet's 24/40/80/112/192-wide streams, read by 2-4 blocks)
@@ -38,10 +39,10 @@ import numpy as np
 from foldonnx.errors import PassError
 from foldonnx.passes.channel_groups import ChannelGroup, Role
 from foldonnx.passes.fold import numerics as nx
-from foldonnx.passes.fold.plan import group_features, params_per_channel
-from foldonnx.passes.fold.rewrite import ModelTensors
+from foldonnx.passes.fold.plan import group_features
+from foldonnx.passes.fold.rewrite import ModelTensors, member_key
 
-__all__ = ["allocate_ratios", "fan_out", "RATIO_GRID"]
+__all__ = ["allocate_ratios", "fan_out", "ParamLedger", "RATIO_GRID"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +83,62 @@ def fan_out(g: ChannelGroup) -> int:
     return max(1, len({m.node for m in g.members if m.role == Role.CONSUMER}))
 
 
+class ParamLedger:
+    """Exact count of the parameters a set of per-group channel removals takes out.
+
+    Summing ``channels removed × params_per_channel`` over groups over-counts whenever one
+    tensor carries two groups on different axes (a pointwise conv's weight is the producer of
+    its output group and the consumer of its input group): its size after both is
+    ``(out − a)·(in − b)``, not ``out·in − a·in − b·out``. Measured on EfficientNet-Lite0 at a
+    30 % target: the sum said 30.0 %, the folded model had 29.3 % fewer parameters. The ledger
+    keeps, per tensor, the scalars removed along each axis and recomputes the product.
+    """
+
+    def __init__(self, tensors: ModelTensors, groups: Sequence[ChannelGroup]) -> None:
+        self.dims: dict[str, tuple[int, ...]] = {}
+        # group id -> [(tensor, axis, scalars per channel on that axis)]
+        self.touch: dict[int, list[tuple[str, int, int]]] = {}
+        for g in groups:
+            per: dict[tuple[str, int], int] = {}
+            seen: set[tuple] = set()
+            for m in g.members:
+                key = member_key(m)
+                if key in seen:
+                    continue
+                seen.add(key)
+                name = tensors.current(m.tensor, m.node)
+                if name not in self.dims:
+                    self.dims[name] = tuple(int(d) for d in tensors._proto(name).dims)
+                if m.axis < len(self.dims[name]):
+                    per[(name, m.axis)] = per.get((name, m.axis), 0) + g.unit
+            self.touch[g.id] = [(name, axis, s) for (name, axis), s in per.items()]
+        self.cut: dict[str, dict[int, int]] = {name: {} for name in self.dims}
+        self.removed = 0
+
+    def _numel(self, name: str) -> int:
+        cut = self.cut[name]
+        kept = [max(d - cut.get(a, 0), 0) for a, d in enumerate(self.dims[name])]
+        return int(np.prod(kept, dtype=np.int64))
+
+    def delta(self, gid: int, channels: int) -> int:
+        """Parameters removed additionally when group *gid* loses *channels* more channels."""
+        names = {name for name, _, _ in self.touch[gid]}
+        before = sum(self._numel(name) for name in names)
+        self._shift(gid, channels)
+        after = sum(self._numel(name) for name in names)
+        self._shift(gid, -channels)
+        return before - after
+
+    def apply(self, gid: int, channels: int) -> None:
+        self.removed += self.delta(gid, channels)
+        self._shift(gid, channels)
+
+    def _shift(self, gid: int, channels: int) -> None:
+        for name, axis, scalars in self.touch[gid]:
+            cut = self.cut[name]
+            cut[axis] = cut.get(axis, 0) + channels * scalars
+
+
 def allocate_ratios(
     tensors: ModelTensors,
     groups: Sequence[ChannelGroup],
@@ -93,38 +150,40 @@ def allocate_ratios(
     seed: int = 0,
     grid: Sequence[float] = RATIO_GRID,
 ) -> dict[int, float]:
-    """Ratios per group id so that about ``target · total_params`` parameters are removed."""
+    """Ratios per group id so that ``target · total_params`` parameters are removed (to the
+    channel: the last step stops at the channel count nearest the target)."""
     fixed = dict(fixed or {})
     need = target * total_params
+    ledger = ParamLedger(tensors, groups)
     ratios: dict[int, float] = {}
     free: list[ChannelGroup] = []
     for g in groups:
         if g.kind.value in fixed:
             r = fixed[g.kind.value]
             ratios[g.id] = r
-            need -= (g.channels - nx.target_channels(g.channels, r)) * params_per_channel(tensors, g)
+            ledger.apply(g.id, g.channels - nx.target_channels(g.channels, r))
         else:
             free.append(g)
-    if need <= 0 or not free:
+    if ledger.removed >= need or not free:
         return ratios
-    ppc = {g.id: params_per_channel(tensors, g) for g in free}
     curves = {g.id: _curve(tensors, g, method, seed, grid) for g in free}
     step = {g.id: 0 for g in free}
     by_id = {g.id: g for g in free}
 
-    def removed(g: ChannelGroup, r: float) -> int:
-        return (g.channels - nx.target_channels(g.channels, r)) * ppc[g.id]
+    def cut(g: ChannelGroup, s: int) -> int:
+        return g.channels - nx.target_channels(g.channels, grid[s])
 
-    saved = 0.0
-    while saved < need:
+    while ledger.removed < need:
         best, best_cost = None, np.inf
         for gid, s in step.items():
             if s + 1 >= len(grid):
                 continue
             g = by_id[gid]
-            dp = removed(g, grid[s + 1]) - removed(g, grid[s])
+            dc = cut(g, s + 1) - cut(g, s)
+            dp = ledger.delta(gid, dc) if dc > 0 else 0
             if dp <= 0:
                 step[gid] = s + 1
+                ledger.apply(gid, dc)
                 continue
             cost = (curves[gid][s + 1] - curves[gid][s]) / dp
             if cost < best_cost:
@@ -132,20 +191,25 @@ def allocate_ratios(
         if best is None:
             raise PassError(
                 f"target-params {target:g} is out of reach with the selected groups "
-                f"(at most {saved / total_params:.3f} of the parameters at ratio {grid[-1]:g})"
+                f"(at most {ledger.removed / total_params:.3f} of the parameters at ratio {grid[-1]:g})"
             )
         g = by_id[best]
         s = step[best]
-        gain = removed(g, grid[s + 1]) - removed(g, grid[s])
-        if saved + gain >= need:  # cut the last step to hit the target
-            frac = (need - saved) / gain
-            r = grid[s] + frac * (grid[s + 1] - grid[s])
-            ratios[best] = float(r)
-            saved = need
+        dc = cut(g, s + 1) - cut(g, s)
+        if ledger.removed + ledger.delta(best, dc) >= need:
+            # the last step: the channel count whose exact parameter count is nearest the target
+            c = min(range(dc + 1), key=lambda c: abs(ledger.removed + ledger.delta(best, c) - need))
+            ledger.apply(best, c)
+            ratios[best] = (cut(g, s) + c) / g.channels
             break
-        saved += gain
+        ledger.apply(best, dc)
         step[best] = s + 1
     for gid, s in step.items():
         ratios.setdefault(gid, float(grid[s]))
-    logger.info("allocated ratios for target %.3f: %s", target, {k: round(v, 3) for k, v in ratios.items()})
+    logger.info(
+        "allocated ratios for target %.3f (%.4f reached): %s",
+        target,
+        ledger.removed / max(total_params, 1),
+        {k: round(v, 3) for k, v in ratios.items()},
+    )
     return ratios
