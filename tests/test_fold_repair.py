@@ -84,8 +84,8 @@ def test_bias_mode_never_changes_weights(rng):
 
 
 # ------------------------------------------------------------------------- graphs
-def _two_block_model(blocks) -> onnx.ModelProto:
-    """x[N,T,D] -> 2 × (r + fc2(relu(fc1(r) + b1)) + b2)."""
+def _two_block_model(blocks, t: int = T) -> onnx.ModelProto:
+    """x[N,t,D] -> 2 × (r + fc2(relu(fc1(r) + b1)) + b2)."""
     nodes, inits = [], {}
     r = "x"
     for i, (w1, b1, w2, b2) in enumerate(blocks):
@@ -100,7 +100,7 @@ def _two_block_model(blocks) -> onnx.ModelProto:
         ]
         inits.update({p + "w1": w1, p + "b1": b1, p + "w2": w2, p + "b2": b2})
         r = p + "r"
-    vi = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", T, D]) for n in ("x", r)]
+    vi = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", t, D]) for n in ("x", r)]
     graph = helper.make_graph(
         nodes, "g", vi[:1], vi[1:],
         initializer=[numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()],
@@ -230,3 +230,104 @@ def test_calibration_inputs_accepts_the_augmented_source():
     feeds = calibration_inputs(model, "augmented:6", limit=4)
     assert list(feeds) == ["img"] and feeds["img"].shape == (4, 3, 32, 32)
     assert feeds["img"].dtype == np.float32 and np.isfinite(feeds["img"]).all()
+
+
+# ------------------------------------------------------------------------- synthetic (ar)
+def _radial_power_slope(img: np.ndarray) -> float:
+    """Log-log slope of the radially averaged power spectrum of a grey image (2 ≤ f ≤ size/4)."""
+    g = img.astype(np.float64).mean(axis=2)
+    p = np.abs(np.fft.fftshift(np.fft.fft2(g - g.mean()))) ** 2
+    n = g.shape[0]
+    yy, xx = np.indices(p.shape)
+    r = np.hypot(yy - n // 2, xx - n // 2).astype(int)
+    radial = np.bincount(r.ravel(), p.ravel()) / np.maximum(np.bincount(r.ravel()), 1)
+    f = np.arange(2, n // 4)
+    return float(np.polyfit(np.log(f), np.log(radial[f]), 1)[0])
+
+
+def test_synthetic_images_are_seeded_and_have_a_natural_power_spectrum():
+    from foldonnx.passes.fold.calibration import parse_synthetic, synthetic_images
+
+    a = synthetic_images(6, size=128, seed=1)
+    b = synthetic_images(6, size=128, seed=1)
+    c = synthetic_images(6, size=128, seed=2)
+    assert len(a) == 6 and all(im.shape == (128, 128, 3) and im.dtype == np.uint8 for im in a.images)
+    assert all(np.array_equal(x, y) for x, y in zip(a.images, b.images, strict=True))
+    assert not any(np.array_equal(x, y) for x, y in zip(a.images, c.images, strict=True))
+    # natural photos have power ~ 1/f^2 (slope -2); white noise would be 0
+    slopes = [_radial_power_slope(im) for im in a.images]
+    assert all(-3.5 < s < -1.4 for s in slopes), slopes
+    assert all(20 < im.std() < 110 for im in a.images)  # neither flat nor saturated
+    assert parse_synthetic("synthetic") == 256 and parse_synthetic("synthetic:8") == 8
+    assert parse_synthetic("augmented") is None
+
+
+def _image_two_block_model(blocks) -> onnx.ModelProto:
+    """img[N,3,4,4] -> Reshape [N,T=8,D=6] -> the two residual MLP blocks of _two_block_model."""
+    m = _two_block_model(blocks, t=8)
+    g = m.graph
+    for node in g.node:
+        for i, name in enumerate(node.input):
+            if name == "x":
+                node.input[i] = "tokens"
+    shape = numpy_helper.from_array(np.array([-1, 8, 6], np.int64), "tok_shape")
+    g.initializer.append(shape)
+    g.node.insert(0, helper.make_node("Reshape", ["img", "tok_shape"], ["tokens"], name="to_tokens"))
+    del g.input[:]
+    g.input.append(helper.make_tensor_value_info("img", TensorProto.FLOAT, ["N", 3, 4, 4]))
+    onnx.checker.check_model(m)
+    return m
+
+
+def _run_img(model, x):
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"img": x})[0]
+
+
+def test_repair_ar_refits_mlp_consumers_on_synthetic_images(rng):
+    from foldonnx.models.data import Preprocess
+    from foldonnx.passes.fold.calibration import synthetic_images
+
+    blocks = [
+        (rng.normal(size=(D, H)), rng.normal(size=H), rng.normal(size=(H, D)), rng.normal(size=D))
+        for _ in range(2)
+    ]
+    model = _image_two_block_model(blocks)
+    plain, _ = fold(model, 0.5, channel_groups=_groups(2, H))
+    ar, report = fold(model, 0.5, channel_groups=_groups(2, H), repair="ar", synthetic_count=32)
+    assert report.repair == "ar"
+    assert any(n.startswith("ar (synthetic:32) consumer refit (ridge)") for n in report.notes), report.notes
+    assert _init(ar, "l0_w2").shape == (H // 2, D)
+    assert not np.array_equal(_init(ar, "l0_w2"), _init(plain, "l0_w2"))
+    # fidelity on *other* synthetic images (another seed) than the 32 it was fitted on
+    x = Preprocess(size=4)(synthetic_images(16, size=4, seed=99))
+    ref = _run_img(model, x)
+    err = {name: float(np.mean((_run_img(m, x) - ref) ** 2)) for name, m in (("plain", plain), ("ar", ar))}
+    assert err["ar"] < 0.7 * err["plain"], err
+    # --refit none: ar leaves mlp groups as folded
+    same, rep = fold(model, 0.5, channel_groups=_groups(2, H), repair="ar", refit="none")
+    np.testing.assert_array_equal(_run_img(same, x), _run_img(plain, x))
+    assert any("refit none" in n for n in rep.notes)
+
+
+def test_repair_ar_on_a_model_without_image_input_is_the_plain_fold_with_a_note(rng):
+    blocks = [
+        (rng.normal(size=(D, H)), rng.normal(size=H), rng.normal(size=(H, D)), rng.normal(size=D))
+        for _ in range(2)
+    ]
+    model = _two_block_model(blocks)
+    plain, _ = fold(model, 0.5, channel_groups=_groups(2, H))
+    ar, report = fold(model, 0.5, channel_groups=_groups(2, H), repair="ar")
+    x = rng.normal(size=(2, T, D)).astype(np.float32)
+    np.testing.assert_array_equal(_run(ar, x)[0], _run(plain, x)[0])
+    assert any("input is not an image" in n for n in report.notes)
+
+
+def test_calibration_inputs_accepts_the_synthetic_source():
+    from foldonnx.passes.fold.repair_data import calibration_inputs
+
+    vi = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 3, 32, 32]) for n in ("img", "out")]
+    graph = helper.make_graph([helper.make_node("Identity", ["img"], ["out"])], "g", vi[:1], vi[1:])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = calibration_inputs(model, "synthetic:5", limit=4)
+    assert feeds["img"].shape == (4, 3, 32, 32) and np.isfinite(feeds["img"]).all()

@@ -44,16 +44,26 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "per-kind ratios as mlp=0.3,heads=0.2",
     )
     p.add_argument("--method", choices=("fold", "prune-l1", "prune-l2"), default="fold")
-    p.add_argument("--repair", choices=("none", "ar", "data"), default="none")
     p.add_argument(
-        "--calib", metavar="SOURCE", help="calibration data for --repair data (see `fold-onnx data`)"
+        "--repair",
+        choices=("none", "ar", "data"),
+        default="none",
+        help="none; ar = data-free (Fold-AR on BatchNorm groups; mlp/heads consumers refit on "
+        "synthetic noise images); data = statistics matching + refit on --calib images",
+    )
+    p.add_argument(
+        "--calib",
+        metavar="SOURCE",
+        help="calibration data for --repair data: a data SOURCE (see README), augmented[:N] "
+        "(crops of the shipped photos) or synthetic[:N] (random-noise images)",
     )
     p.add_argument("--calib-limit", type=int, default=64, metavar="N", help="calibration images used (64)")
     p.add_argument(
         "--calib-norm",
         choices=("imagenet", "unit"),
         default="imagenet",
-        help="input normalisation of calibration images when the file does not record it: "
+        help="input normalisation of calibration (and ar's synthetic) images when the file does "
+        "not record it: "
         "ImageNet mean/std, or unit = [-1, 1]",
     )
     p.add_argument(
@@ -147,11 +157,12 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--report path is the input model")
     loaded = load_model(src)
     preprocess = None
-    if args.calib:
+    images_in = bool(args.calib) or args.repair == "ar"  # ar refits mlp/heads on synthetic images
+    if images_in:
         from foldonnx.models.registry import read_preprocess
 
         preprocess = read_preprocess(loaded)  # recorded by `fold-onnx export`
-    if args.calib and preprocess is None:
+    if images_in and preprocess is None:
         inp = loaded.model.graph.input[0].type.tensor_type.shape.dim
         size = inp[-1].dim_value if len(inp) == 4 and inp[-1].dim_value else 224
         preprocess = (

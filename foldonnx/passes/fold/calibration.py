@@ -17,7 +17,16 @@ import numpy as np
 
 from foldonnx.models.data import ImageSet, load_source
 
-__all__ = ["augmented_images", "AUGMENTED_SOURCE", "parse_augmented"]
+__all__ = [
+    "augmented_images",
+    "AUGMENTED_SOURCE",
+    "parse_augmented",
+    "synthetic_images",
+    "SYNTHETIC_SOURCE",
+    "parse_synthetic",
+    "spectral_noise",
+    "dead_leaves",
+]
 
 AUGMENTED_SOURCE = "augmented"
 DEFAULT_COUNT = 256
@@ -90,3 +99,81 @@ def augmented_images(
     order = rng.permutation(n)  # photos and CIFAR interleaved, so any split holds both
     logger.info("augmented calibration set: %d images (%d from photos)", n, n_photo)
     return ImageSet(name=f"augmented:{n}", images=[out[i] for i in order])
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic images: the data-free calibration of ``--repair ar`` on LayerNorm models
+# ---------------------------------------------------------------------------------------------
+SYNTHETIC_SOURCE = "synthetic"
+
+
+def parse_synthetic(spec: str) -> int | None:
+    """``"synthetic"`` → 256, ``"synthetic:64"`` → 64, anything else → None."""
+    name, _, arg = spec.partition(":")
+    if name != SYNTHETIC_SOURCE:
+        return None
+    return int(arg) if arg else DEFAULT_COUNT
+
+
+def spectral_noise(size: int, rng: np.random.Generator) -> np.ndarray:
+    """A ``size×size×3`` float image in [0, 1] with a natural-image power spectrum.
+
+    Amplitude ``∝ 1/f^α`` with α drawn in [0.8, 1.4] per image (power ``1/f^{2α}``; natural
+    photos sit near α = 1), random phases, channels mixed by a random colour matrix whose
+    luminance part dominates (natural RGB channels are strongly correlated)."""
+    fy = np.fft.fftfreq(size)[:, None]
+    fx = np.fft.rfftfreq(size)[None, :]
+    f = np.sqrt(fx**2 + fy**2)
+    f[0, 0] = 1.0 / size
+    alpha = rng.uniform(0.8, 1.4)
+    amp = f**-alpha
+    amp[0, 0] = 0.0
+    planes = []
+    for _ in range(3):
+        phase = rng.uniform(0, 2 * np.pi, amp.shape)
+        planes.append(np.fft.irfft2(amp * np.exp(1j * phase), s=(size, size)))
+    x = np.stack(planes, -1)
+    x /= x.std() + 1e-12
+    mix = 0.8 * np.ones((3, 3)) / 3 + 0.35 * rng.normal(size=(3, 3))
+    x = x @ mix.T
+    x = (x - x.mean((0, 1))) / (x.std() + 1e-12)
+    x = 0.5 + rng.uniform(0.12, 0.25) * x + rng.uniform(-0.15, 0.15, size=3)
+    return np.clip(x, 0.0, 1.0)
+
+
+def dead_leaves(size: int, rng: np.random.Generator, n: int = 1500) -> np.ndarray:
+    """A ``size×size×3`` float image in [0, 1]: occluding discs of random colour whose radii
+    follow a ``1/r³`` law (the dead-leaves model: scale-invariant, with sharp edges)."""
+    r_min, r_max = 0.008 * size, 0.3 * size
+    u = rng.uniform(size=n)
+    radii = (r_min**-2 - u * (r_min**-2 - r_max**-2)) ** -0.5  # inverse CDF of p(r) ∝ r^-3
+
+    def colour() -> np.ndarray:  # a grey level plus a little chroma (natural colours are muted)
+        return np.clip(rng.uniform(0.05, 0.95) + rng.normal(0, 0.12, 3), 0.0, 1.0)
+
+    img = np.tile(colour(), (size, size, 1))
+    yy, xx = np.mgrid[0:size, 0:size]
+    for r in radii:  # later discs occlude earlier ones
+        cy, cx = rng.uniform(-r, size + r, 2)
+        y0, y1 = max(int(cy - r), 0), min(int(cy + r) + 1, size)
+        x0, x1 = max(int(cx - r), 0), min(int(cx + r) + 1, size)
+        if y0 >= y1 or x0 >= x1:
+            continue
+        mask = (yy[y0:y1, x0:x1] - cy) ** 2 + (xx[y0:y1, x0:x1] - cx) ** 2 <= r * r
+        img[y0:y1, x0:x1][mask] = colour()
+    return img
+
+
+def synthetic_images(n: int = DEFAULT_COUNT, *, size: int = 224, seed: int = 0) -> ImageSet:
+    """*n* images made from nothing but random numbers: half spectral (1/f) noise, half
+    dead-leaves, each with a random mild texture on top. No photo, no data set: the
+    calibration of the data-free repair of LayerNorm / MLP groups (``--repair ar``)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        img = spectral_noise(size, rng) if i % 2 == 0 else dead_leaves(size, rng)
+        if i % 2 == 1:  # texture inside the leaves
+            img = np.clip(img + 0.25 * (spectral_noise(size, rng) - 0.5), 0.0, 1.0)
+        out.append(np.round(img * 255).astype(np.uint8))
+    logger.info("synthetic calibration set: %d images (%d px)", n, size)
+    return ImageSet(name=f"{SYNTHETIC_SOURCE}:{n}", images=out)

@@ -91,12 +91,21 @@ def calibration_inputs(
         raise DataError(f"data repair needs a model with one image input, this one has {len(inputs)}")
     inp = inputs[0]
     if isinstance(calib, str):
-        from foldonnx.passes.fold.calibration import augmented_images, parse_augmented
+        from foldonnx.passes.fold.calibration import (
+            augmented_images,
+            parse_augmented,
+            parse_synthetic,
+            synthetic_images,
+        )
 
-        count = parse_augmented(calib)
         dims = inp.type.tensor_type.shape.dim
         size = dims[-1].dim_value if len(dims) == 4 and dims[-1].dim_value else 224
-        calib = load_source(calib, limit=limit) if count is None else augmented_images(count, size=size)
+        if (count := parse_augmented(calib)) is not None:
+            calib = augmented_images(count, size=size)
+        elif (count := parse_synthetic(calib)) is not None:
+            calib = synthetic_images(count, size=size)
+        else:
+            calib = load_source(calib, limit=limit)
     if isinstance(calib, ImageSet):
         dims = inp.type.tensor_type.shape.dim
         size = dims[-1].dim_value if len(dims) == 4 and dims[-1].dim_value else 224
@@ -115,7 +124,7 @@ def _find_taps(tensors: ModelTensors, plan: GroupPlan) -> Tap | str:
     """The tap of a group, or the reason there is none."""
     g = plan.group
     if g.kind not in (GroupKind.MLP, GroupKind.CONV, GroupKind.DEPTHWISE, GroupKind.SE):
-        return f"{g.kind.value} groups are not repaired from data"
+        return f"{g.kind.value} groups: consumer refit only"
     prods = [m for m in g.members if m.role == Role.PRODUCER and m.offset == 0 and m.unit_stride is None]
     if not prods:
         return "needs a producer at offset 0"
@@ -234,7 +243,7 @@ def repair_with_data(
         t = _find_taps(tensors, plan)
         if isinstance(t, str):
             if notes is not None:
-                notes.append(f"group {plan.group.id}: no data repair ({t})")
+                notes.append(f"group {plan.group.id}: no statistics matching ({t})")
             continue
         taps.append((t, plan))
     names = sorted({t.value for t, plan in taps if plan.group.kind != GroupKind.MLP or match_mlp_stats})
