@@ -10,6 +10,7 @@ import pytest
 from test_fold_exact import _mlp_pair, attention_model, conv_bn_model, dup, init, run, split_dup
 
 from foldonnx.cli import main
+from foldonnx.errors import UsageError
 from foldonnx.passes.analysis import find_channel_groups
 from foldonnx.passes.fold import FoldReport, fold
 
@@ -159,6 +160,18 @@ def test_target_params_counts_tensors_shared_by_two_groups_exactly(method, targe
     one_channel = (6 + 32 + 32 + 4) / report.before.params  # the most one channel can weigh
     assert abs(report.params_removed - target) <= one_channel / 2 + 1e-9, report.params_removed
     assert {g.channels_after < 32 for g in report.groups} == {True}
+
+
+def test_round_to_keeps_multiples_and_still_meets_the_target():
+    model = _chain_mlp(np.random.default_rng(1))
+    _, report = fold(model, 0.3, groups="mlp", round_to=8)
+    assert [g.channels_after for g in report.groups] == [24, 24]  # 32 * 0.7 = 22.4 -> 24
+    _, report = fold(model, target_params=0.4, groups="mlp", round_to=8)
+    assert all(g.channels_after % 8 == 0 for g in report.groups), report.groups
+    one_step = 8 * (6 + 32 + 32 + 4) / report.before.params  # the most one multiple can weigh
+    assert abs(report.params_removed - 0.4) <= one_step / 2, report.params_removed
+    with pytest.raises(UsageError, match="round-to"):
+        fold(model, 0.3, groups="mlp", round_to=0)
 
 
 def test_package_level_api_mirrors_the_cli(mlp_files):

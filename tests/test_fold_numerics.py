@@ -19,6 +19,22 @@ def test_target_channels_rounds_and_validates():
         nx.target_channels(10, -0.1)
 
 
+@pytest.mark.parametrize(
+    ("k", "n", "multiple", "expected"),
+    [
+        (86, 96, 16, 80),  # 86/16 = 5.4 -> 5
+        (88, 96, 16, 96),  # 5.5 rounds up
+        (3, 96, 16, 16),  # never below one multiple
+        (70, 96, 1, 70),  # no rounding asked
+        (17, 24, 16, 17),  # 24 is not a multiple of 16: left alone
+        (20, 16, 16, 20),  # narrower than two multiples: left alone
+        (1530, 1536, 8, 1528),
+    ],
+)
+def test_round_channels(k, n, multiple, expected):
+    assert nx.round_channels(k, n, multiple) == expected
+
+
 def test_member_slice_moves_axis_and_groups_units():
     a = np.arange(2 * 6).reshape(2, 6)  # axis 1 carries 3 units of 2 scalars
     idx = np.arange(3)[:, None] * 2 + np.arange(2)[None, :]

@@ -18,7 +18,15 @@ from foldonnx.errors import FoldOnnxError
 __all__ = ["main", "build_parser", "COMMANDS"]
 
 COMMANDS: list[str] = [
-    "export", "list_models", "inspect", "fold", "quantize", "eval", "sweep", "bench", "profile",
+    "export",
+    "list_models",
+    "inspect",
+    "fold",
+    "quantize",
+    "eval",
+    "sweep",
+    "bench",
+    "profile",
 ]
 
 

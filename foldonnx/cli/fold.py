@@ -75,6 +75,14 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="with --repair data: refit the consumers of MLP/heads groups (fc2, attention "
         "out-proj) block by block on calibration data: ridge least squares (default), bias only, none",
     )
+    p.add_argument(
+        "--round-to",
+        type=int,
+        default=1,
+        metavar="N",
+        help="keep channel counts of neuron/conv groups at multiples of N (8 or 16 keep ORT's "
+        "blocked CPU kernels and GPU tensor cores in use); widths not divisible by N are left as they are",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--report", metavar="FILE.json", help="write the report as JSON")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime check of the result")
@@ -181,6 +189,7 @@ def run(args: argparse.Namespace) -> int:
         calib_preprocess=preprocess,
         refit=args.refit,
         seed=args.seed,
+        round_to=args.round_to,
         verify=not args.no_verify,
         inplace=True,  # the loaded model is not needed afterwards
         progress=sys.stderr.isatty(),

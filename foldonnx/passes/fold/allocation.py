@@ -39,7 +39,7 @@ import numpy as np
 from foldonnx.errors import PassError
 from foldonnx.passes.channel_groups import ChannelGroup, Role
 from foldonnx.passes.fold import numerics as nx
-from foldonnx.passes.fold.plan import group_features
+from foldonnx.passes.fold.plan import group_features, kept_channels
 from foldonnx.passes.fold.rewrite import ModelTensors, member_key
 
 __all__ = ["allocate_ratios", "fan_out", "ParamLedger", "RATIO_GRID"]
@@ -50,7 +50,7 @@ RATIO_GRID: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 
 
 def _curve(
-    tensors: ModelTensors, g: ChannelGroup, method: str, seed: int, grid: Sequence[float]
+    tensors: ModelTensors, g: ChannelGroup, method: str, seed: int, grid: Sequence[float], round_to: int
 ) -> np.ndarray:
     feats, prods = group_features(tensors, g)
     out = np.zeros(len(grid))
@@ -62,7 +62,7 @@ def _curve(
         # itself runs changes the distortion little and would cost a clustering per ratio)
         tree = linkage(nx.reduce_features(feats, seed=seed), method="ward")
     for i, r in enumerate(grid):
-        k = nx.target_channels(g.channels, r)
+        k = kept_channels(g, r, round_to)
         if k >= g.channels:
             continue
         if tree is not None:
@@ -149,6 +149,7 @@ def allocate_ratios(
     method: str = "fold",
     seed: int = 0,
     grid: Sequence[float] = RATIO_GRID,
+    round_to: int = 1,
 ) -> dict[int, float]:
     """Ratios per group id so that ``target · total_params`` parameters are removed (to the
     channel: the last step stops at the channel count nearest the target)."""
@@ -161,33 +162,39 @@ def allocate_ratios(
         if g.kind.value in fixed:
             r = fixed[g.kind.value]
             ratios[g.id] = r
-            ledger.apply(g.id, g.channels - nx.target_channels(g.channels, r))
+            ledger.apply(g.id, g.channels - kept_channels(g, r, round_to))
         else:
             free.append(g)
     if ledger.removed >= need or not free:
         return ratios
-    curves = {g.id: _curve(tensors, g, method, seed, grid) for g in free}
+    curves = {g.id: _curve(tensors, g, method, seed, grid, round_to) for g in free}
     step = {g.id: 0 for g in free}
     by_id = {g.id: g for g in free}
 
     def cut(g: ChannelGroup, s: int) -> int:
-        return g.channels - nx.target_channels(g.channels, grid[s])
+        return g.channels - kept_channels(g, grid[s], round_to)
+
+    def aligned(g: ChannelGroup, removed: int) -> bool:
+        return kept_channels(g, removed / g.channels, round_to) == g.channels - removed
 
     while ledger.removed < need:
-        best, best_cost = None, np.inf
+        best, best_cost, skipped = None, np.inf, False
         for gid, s in step.items():
             if s + 1 >= len(grid):
                 continue
             g = by_id[gid]
             dc = cut(g, s + 1) - cut(g, s)
             dp = ledger.delta(gid, dc) if dc > 0 else 0
-            if dp <= 0:
+            if dp <= 0:  # a step that removes nothing (rounding): move past it
                 step[gid] = s + 1
                 ledger.apply(gid, dc)
+                skipped = True
                 continue
             cost = (curves[gid][s + 1] - curves[gid][s]) / dp
             if cost < best_cost:
                 best, best_cost = gid, cost
+        if best is None and skipped:
+            continue
         if best is None:
             raise PassError(
                 f"target-params {target:g} is out of reach with the selected groups "
@@ -198,7 +205,8 @@ def allocate_ratios(
         dc = cut(g, s + 1) - cut(g, s)
         if ledger.removed + ledger.delta(best, dc) >= need:
             # the last step: the channel count whose exact parameter count is nearest the target
-            c = min(range(dc + 1), key=lambda c: abs(ledger.removed + ledger.delta(best, c) - need))
+            options = [c for c in range(dc + 1) if aligned(g, cut(g, s) + c)]
+            c = min(options, key=lambda c: abs(ledger.removed + ledger.delta(best, c) - need))
             ledger.apply(best, c)
             ratios[best] = (cut(g, s) + c) / g.channels
             break

@@ -28,6 +28,7 @@ import numpy as np
 __all__ = [
     "MergeMatrix",
     "target_channels",
+    "round_channels",
     "member_slice",
     "replace_channels",
     "channel_features",
@@ -121,6 +122,15 @@ def target_channels(n: int, ratio: float) -> int:
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"ratio must be in [0, 1), got {ratio}")
     return max(1, min(n, int(round(n * (1.0 - ratio)))))
+
+
+def round_channels(k: int, n: int, multiple: int) -> int:
+    """*k* kept channels of *n*, rounded to the nearest multiple of *multiple* (ties up; at
+    least one multiple, at most *n*). Unchanged when ``multiple <= 1`` or *n* is not itself a
+    multiple: a width that was never aligned gains nothing from aligning what is left."""
+    if multiple <= 1 or n % multiple or n < 2 * multiple:
+        return k
+    return int(min(n, max(multiple, multiple * int(np.floor(k / multiple + 0.5)))))
 
 
 def member_slice(array: np.ndarray, axis: int, indices: np.ndarray) -> np.ndarray:

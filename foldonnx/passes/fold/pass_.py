@@ -21,8 +21,7 @@ import onnx
 from foldonnx.errors import PassError, UsageError
 from foldonnx.onnx_file import LoadedModel, load_model
 from foldonnx.passes.channel_groups import ChannelGroup, GroupKind
-from foldonnx.passes.fold import numerics as nx
-from foldonnx.passes.fold.plan import METHODS, REPAIRS, GroupPlan, plan_group
+from foldonnx.passes.fold.plan import METHODS, REPAIRS, GroupPlan, kept_channels, plan_group
 from foldonnx.passes.fold.rewrite import (
     ModelTensors,
     add_to_tensor,
@@ -189,7 +188,8 @@ class FoldPass:
     optional per-kind ratios; ``method`` is ``fold``, ``prune-l1`` or ``prune-l2``; ``repair``
     is ``none``, ``ar`` (data-free: Fold-AR on BatchNorm groups, and for MLP / heads groups the
     consumer refit on ``synthetic_count`` synthetic images) or ``data`` (needs ``calib``).
-    ``channel_groups`` skips the
+    ``round_to`` rounds the channels kept by single-channel groups to a multiple of it (widths
+    that are multiples of it only). ``channel_groups`` skips the
     analysis (groups computed elsewhere). ``verify`` checks the result with onnx.checker and
     ONNX Runtime (loads, runs on zeros, same output shapes). ``inplace`` folds the given
     ModelProto itself instead of a copy (saves one model in memory; not with a refit, which
@@ -207,6 +207,7 @@ class FoldPass:
         calib: Any = None,
         calib_limit: int = 64,
         synthetic_count: int = 64,
+        round_to: int = 1,
         calib_preprocess: Any = None,
         refit: bool | str = "ridge",
         seed: int = 0,
@@ -244,6 +245,9 @@ class FoldPass:
         self.calib = calib
         self.calib_limit = calib_limit
         self.synthetic_count = synthetic_count
+        if round_to < 1:
+            raise UsageError(f"round-to must be >= 1, got {round_to}")
+        self.round_to = int(round_to)
         self.calib_preprocess = calib_preprocess
         self.refit = refit
         self.seed = seed
@@ -305,6 +309,7 @@ class FoldPass:
                 fixed={k: v for k, v in self.kind_spec.items() if v is not None},
                 method=self.method,
                 seed=self.seed,
+                round_to=self.round_to,
             )
             kind_ratios = {k: v for k, v in self.kind_spec.items() if v is not None}
         else:
@@ -382,7 +387,7 @@ class FoldPass:
         todo = [by_id[i] for i in sorted(ratios)]
         for g in _progress(todo, self.progress, f"{self.method} groups"):
             ratio = ratios[g.id]
-            k = nx.target_channels(g.channels, ratio)
+            k = kept_channels(g, ratio, self.round_to)
             if k >= g.channels:
                 continue
             try:

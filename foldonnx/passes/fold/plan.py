@@ -28,7 +28,15 @@ from foldonnx.passes.channel_groups import ChannelGroup, GroupKind, Member, Role
 from foldonnx.passes.fold import numerics as nx
 from foldonnx.passes.fold.rewrite import ModelTensors, axis_edits, member_key
 
-__all__ = ["GroupPlan", "plan_group", "group_features", "params_per_channel", "METHODS", "REPAIRS"]
+__all__ = [
+    "GroupPlan",
+    "plan_group",
+    "group_features",
+    "params_per_channel",
+    "kept_channels",
+    "METHODS",
+    "REPAIRS",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +110,14 @@ def group_features(tensors: ModelTensors, group: ChannelGroup) -> tuple[np.ndarr
         if m.role == Role.PRODUCER:
             prods.append(sl)
     return nx.channel_features(feats), (nx.channel_features(prods) if prods else None)
+
+
+def kept_channels(group: ChannelGroup, ratio: float, round_to: int = 1) -> int:
+    """Channels (units) *group* keeps at *ratio*; for groups of single channels (not heads)
+    rounded to a multiple of *round_to* when the group's width is one (ORT's blocked CPU
+    kernels and GPU tensor cores want channel counts in multiples of 8 or 16)."""
+    k = nx.target_channels(group.channels, ratio)
+    return nx.round_channels(k, group.channels, round_to) if group.unit == 1 else k
 
 
 def params_per_channel(tensors: ModelTensors, group: ChannelGroup) -> int:
