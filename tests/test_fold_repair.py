@@ -331,3 +331,18 @@ def test_calibration_inputs_accepts_the_synthetic_source():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     feeds = calibration_inputs(model, "synthetic:5", limit=4)
     assert feeds["img"].shape == (4, 3, 32, 32) and np.isfinite(feeds["img"]).all()
+
+
+def test_fold_ar_joins_the_method_registry(rng):
+    from foldonnx.passes.registry import apply_method
+
+    blocks = [
+        (rng.normal(size=(D, H)), rng.normal(size=H), rng.normal(size=(H, D)), rng.normal(size=D))
+        for _ in range(2)
+    ]
+    model = _image_two_block_model(blocks)
+    for name, method in (("fold-ar", "fold"), ("prune-l1-ar", "prune-l1")):
+        folded, report = apply_method(name, model, 0.5, channel_groups=_groups(2, H), synthetic_count=8)
+        assert report["method"] == method and report["repair"] == "ar"
+        assert any(n.startswith("ar (synthetic:8)") for n in report["notes"])
+        assert _init(folded, "l1_w2").shape == (H // 2, D)

@@ -10,7 +10,8 @@ Register one with :func:`register_method`::
         return new_model, {"params_removed": 0.3}
 
 ``fold``, ``prune-l1`` and ``prune-l2`` are built in: thin wrappers of :func:`foldonnx.fold`
-(imported when first used).
+(imported when first used); ``fold-ar`` and ``prune-l1-ar`` add the data-free repair
+(``repair="ar"``).
 """
 
 from __future__ import annotations
@@ -116,13 +117,15 @@ def _fold_function() -> Callable[..., Any]:
     return fold
 
 
-def _fold_method(method: str) -> MethodFn:
+def _fold_method(method: str, repair: str | None = None) -> MethodFn:
     def run(
         model: onnx.ModelProto, ratio: float, *, seed: int = 0, **options: Any
     ) -> tuple[onnx.ModelProto, Any]:
+        if repair is not None:
+            options = {**options, "repair": repair}
         return _fold_function()(model, ratio=ratio, method=method, seed=seed, **options)
 
-    run.__name__ = f"_{method.replace('-', '_')}"
+    run.__name__ = f"_{method.replace('-', '_')}" + (f"_{repair}" if repair else "")
     return run
 
 
@@ -135,3 +138,12 @@ register_method("prune-l1", "structured magnitude pruning: keep the channels of 
 register_method("prune-l2", "structured magnitude pruning: keep the channels of largest L2 norm")(
     _fold_method("prune-l2")
 )
+register_method(
+    "fold-ar",
+    "model folding with the data-free repair: Fold-AR on BatchNorm groups, mlp/heads consumers "
+    "refit on synthetic images",
+)(_fold_method("fold", "ar"))
+register_method(
+    "prune-l1-ar",
+    "L1 magnitude pruning with the same data-free repair as fold-ar (mlp/heads refit on synthetic images)",
+)(_fold_method("prune-l1", "ar"))
