@@ -78,10 +78,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--round-to",
         type=int,
-        default=1,
+        default=8,
         metavar="N",
-        help="keep channel counts of neuron/conv groups at multiples of N (8 or 16 keep ORT's "
-        "blocked CPU kernels and GPU tensor cores in use); widths not divisible by N are left as they are",
+        help="keep channel counts of neuron/conv groups at multiples of N (default 8: keeps ORT's "
+        "blocked CPU kernels and GPU tensor cores in use; 1 = off); widths not divisible by N "
+        "are left as they are",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--report", metavar="FILE.json", help="write the report as JSON")
