@@ -11,7 +11,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 import foldonnx.cli
-from foldonnx.errors import PassError
+from foldonnx.errors import PassError, UsageError
 from foldonnx.evaluate.stats import model_stats
 from foldonnx.evaluate.sweep import SweepReport
 from foldonnx.passes.registry import apply_method, get_method, list_methods, register_method
@@ -271,3 +271,29 @@ def test_make_results_summary_redraws_from_json(tmp_path: Path) -> None:
     with Image.open(results / "tiny.png") as im:
         assert im.size == (1800, 504)
     assert (results / "tiny_top1_agreement.png").is_file()  # fidelity plot beside the accuracy one
+
+
+def test_sweep_along_the_parameter_axis_uses_the_allocation(tmp_path: Path) -> None:
+    """``axis="params"``: each point removes that fraction of the model's parameters (the fold
+    method allocates it over its groups), and the names say so."""
+    from test_fold_cli import _chain_mlp
+
+    from foldonnx.evaluate.sweep import run_sweep
+
+    src = tmp_path / "chain.onnx"
+    onnx.save(_chain_mlp(np.random.default_rng(0)), str(src))
+    rep = run_sweep(
+        src, ratios=[0.3, 0.5], methods=["fold", "prune-l1"], out_dir=tmp_path / "out", axis="params",
+        bench_iters=0, method_options={"groups": "mlp", "round_to": 1},
+    )  # fmt: skip
+    assert rep.axis == "params"
+    by = {p.name: p for p in rep.points}
+    assert sorted(by) == ["fold-p0.3", "fold-p0.5", "original", "prune-l1-p0.3", "prune-l1-p0.5"]
+    orig = by["original"].params
+    one_channel = (6 + 32 + 32 + 4) / orig
+    for name, p in by.items():
+        if name != "original":
+            assert abs(1 - p.params / orig - p.ratio) <= one_channel / 2 + 1e-9, (name, p.params)
+    assert "fractions of the parameters removed" in rep.to_markdown()
+    with pytest.raises(UsageError, match="unknown sweep axis"):
+        run_sweep(src, ratios=[0.3], methods=["fold"], out_dir=tmp_path / "o2", axis="heads")

@@ -39,7 +39,14 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "fidelity/accuracy and interleaved latency, write DIR/sweep.json, sweep.md, pareto.png.",
     )
     p.add_argument("model", help="model to compress (.onnx)")
-    p.add_argument("--ratios", default="0.1,0.2,0.3,0.4", help="fractions of channels to remove")
+    p.add_argument("--ratios", default="0.1,0.2,0.3,0.4", help="fractions to remove (of what: see --axis)")
+    p.add_argument(
+        "--axis",
+        choices=("channels", "params"),
+        default="channels",
+        help="channels: each ratio removes that fraction of every group's channels; params: "
+        "that fraction of the model's parameters, allocated over groups by each method",
+    )
     p.add_argument(
         "--methods",
         default="fold,prune-l1",
@@ -90,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         method_options=parse_options(args.option),
         reuse=args.reuse,
+        axis=args.axis,
     )
     out = Path(args.out)
     (out / "sweep.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")

@@ -30,7 +30,7 @@ from foldonnx.errors import FoldOnnxError, UsageError
 from foldonnx.evaluate.evaluation import Evaluator
 from foldonnx.evaluate.stats import model_stats
 from foldonnx.onnx_file import load_model, save_model
-from foldonnx.passes.registry import apply_method, get_method
+from foldonnx.passes.registry import TARGET_PARAMS, apply_method, get_method
 
 __all__ = [
     "QUANTIZE_MODES",
@@ -50,6 +50,8 @@ logger = logging.getLogger(__name__)
 # --quantize value -> foldonnx.runtime.quantize mode
 QUANTIZE_MODES = {"int8": "dynamic", "int8-static": "static", "fp16": "fp16"}
 ORIGINAL = "original"
+# what a sweep's ratios mean: fraction of channels removed per group, or of the model's parameters
+AXES = {"channels": "r", "params": "p"}
 
 
 @dataclass
@@ -89,6 +91,7 @@ class SweepReport:
     methods: list[str]
     ratios: list[float]
     quantize: str | None
+    axis: str = "channels"
     data: str | None = None
     task: str | None = None
     output: str | None = None
@@ -140,8 +143,8 @@ def point_quality(point: SweepPoint, metric: str) -> float | None:
     return point.metrics.get(metric)
 
 
-def _variant_name(method: str, ratio: float) -> str:
-    return ORIGINAL if method == ORIGINAL else f"{method}-r{ratio:g}"
+def _variant_name(method: str, ratio: float, axis: str = "channels") -> str:
+    return ORIGINAL if method == ORIGINAL else f"{method}-{AXES[axis]}{ratio:g}"
 
 
 def _quantize(src: Path, dst: Path, quant: str, calib: str | None, threads: int | None) -> dict[str, Any]:
@@ -198,7 +201,11 @@ def measure_latency(
     return f"interleaved_latency (cpu, batch 1, {iters} rounds, ratio of medians)"
 
 
-def _check_plan(ratios: Sequence[float], methods: Sequence[str], quantize: str | None) -> None:
+def _check_plan(
+    ratios: Sequence[float], methods: Sequence[str], quantize: str | None, axis: str = "channels"
+) -> None:
+    if axis not in AXES:
+        raise UsageError(f"unknown sweep axis {axis!r} (choose {', '.join(AXES)})")
     if not ratios or any(not 0.0 < r < 1.0 for r in ratios):
         raise UsageError(f"ratios must be in (0, 1), got {list(ratios)}")
     if not methods:
@@ -237,11 +244,15 @@ def compress_variants(
     seed: int = 0,
     method_options: dict[str, Any] | None = None,
     reuse: bool = False,
+    axis: str = "channels",
 ) -> list[SweepPoint]:
     """The original, every method at every ratio, and (with *quantize*) each of those quantized;
     files go to *out_dir*. A point that fails carries its one-line error. With *reuse*, variants
     already in *out_dir* (with their ``.report.json``) are taken instead of recomputed."""
-    _check_plan(ratios, methods, quantize)
+    _check_plan(ratios, methods, quantize, axis)
+    options = dict(method_options or {})
+    if axis == "params":
+        options[TARGET_PARAMS] = True
     src = Path(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -249,16 +260,14 @@ def compress_variants(
     points = [SweepPoint(name=ORIGINAL, method=ORIGINAL, ratio=0.0, path=str(src))]
     for method in methods:
         for ratio in ratios:
-            p = SweepPoint(name=_variant_name(method, ratio), method=method, ratio=float(ratio))
+            p = SweepPoint(name=_variant_name(method, ratio, axis), method=method, ratio=float(ratio))
             path = out / f"{p.name}.onnx"
             points.append(p)
             if _reused(p, path, reuse):
                 continue
             t0 = time.perf_counter()
             try:
-                new_model, rep = apply_method(
-                    method, loaded.model, float(ratio), seed=seed, **(method_options or {})
-                )
+                new_model, rep = apply_method(method, loaded.model, float(ratio), seed=seed, **options)
                 save_model(new_model, path, source=src)
                 p.path, p.method_report = str(path), _summary(rep)
             except FoldOnnxError as exc:
@@ -345,19 +354,21 @@ def run_sweep(
     seed: int = 0,
     method_options: dict[str, Any] | None = None,
     reuse: bool = False,
+    axis: str = "channels",
 ) -> SweepReport:
     """Run the sweep (see module docstring); variant files are written to *out_dir*.
 
     *evaluator* must have the original *model* as its reference; without one, only sizes and
     latency are measured. *calib* is the calibration source for ``int8-static``.
     """
-    _check_plan(ratios, methods, quantize)
+    _check_plan(ratios, methods, quantize, axis)
     report = SweepReport(
-        model=str(model), methods=list(methods), ratios=[float(r) for r in ratios], quantize=quantize
-    )
+        model=str(model), methods=list(methods), ratios=[float(r) for r in ratios], quantize=quantize,
+        axis=axis,
+    )  # fmt: skip
     points = compress_variants(
         model, ratios=ratios, methods=methods, out_dir=out_dir, quantize=quantize, calib=calib,
-        threads=threads, seed=seed, method_options=method_options, reuse=reuse,
+        threads=threads, seed=seed, method_options=method_options, reuse=reuse, axis=axis,
     )  # fmt: skip
     measure_sizes(points)
     if evaluator is not None:
@@ -394,8 +405,8 @@ def _markdown(report: SweepReport) -> str:
     lines = [
         f"# Sweep of `{Path(report.model).name}`",
         "",
-        f"- methods: {', '.join(report.methods)}; ratios: {', '.join(f'{r:g}' for r in report.ratios)}; "
-        f"quantization: {report.quantize or 'none'}",
+        f"- methods: {', '.join(report.methods)}; {_axis_label(report)}: "
+        f"{', '.join(f'{r:g}' for r in report.ratios)}; quantization: {report.quantize or 'none'}",
     ]
     if report.data:
         lines.append(
@@ -444,6 +455,12 @@ def _markdown(report: SweepReport) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _axis_label(report: SweepReport) -> str:
+    if report.axis == "params":
+        return "fractions of the parameters removed (each method allocates them over its groups)"
+    return "ratios (fraction of the channels removed in every group)"
+
+
 def _comparison(report: SweepReport) -> list[str]:
     """One line per ratio (and quantization): does the first method beat each other method?"""
     if len(report.methods) < 2 or not report.points:
@@ -460,7 +477,11 @@ def _comparison(report: SweepReport) -> list[str]:
                 a, b = by_key.get((first, r, quant)), by_key.get((other, r, quant))
                 qa = point_quality(a, metric) if a else None
                 qb = point_quality(b, metric) if b else None
-                tag = f"ratio {r:g}" + (f", {quant}" if quant else "")
+                tag = (
+                    ("params" if report.axis == "params" else "ratio")
+                    + f" {r:g}"
+                    + (f", {quant}" if quant else "")
+                )
                 if qa is None or qb is None:
                     out.append(f"- {tag}: not comparable (a point failed or was not measured)")
                     continue

@@ -1,7 +1,9 @@
 """Compression methods by name, so sweeps (and later passes) compose without knowing each other.
 
 A method is a function ``(model, ratio, *, seed, **options) -> (model, report)`` where *ratio* is
-the fraction of channels to remove (0 = unchanged) and *report* is a JSON-able ``dict``.
+the fraction of channels to remove (0 = unchanged) and *report* is a JSON-able ``dict``. A sweep
+along the parameter axis passes ``target_params=True``: *ratio* is then the fraction of the
+model's parameters to remove (methods that cannot target parameters raise a ``UsageError``).
 Register one with :func:`register_method`::
 
     @register_method("my-pass", "what it does")
@@ -33,11 +35,16 @@ __all__ = [
     "get_method",
     "list_methods",
     "apply_method",
+    "TARGET_PARAMS",
 ]
 
 logger = logging.getLogger(__name__)
 
 MethodFn = Callable[..., tuple[onnx.ModelProto, dict[str, Any]]]
+
+# Option a sweep along the parameter axis passes: ``ratio`` is then the fraction of the model's
+# parameters to remove (the method allocates it), not the fraction of channels per group.
+TARGET_PARAMS = "target_params"
 
 
 @dataclass(frozen=True)
@@ -123,6 +130,8 @@ def _fold_method(method: str, repair: str | None = None) -> MethodFn:
     ) -> tuple[onnx.ModelProto, Any]:
         if repair is not None:
             options = {**options, "repair": repair}
+        if options.pop(TARGET_PARAMS, False):  # the sweep's parameter axis
+            return _fold_function()(model, target_params=ratio, method=method, seed=seed, **options)
         return _fold_function()(model, ratio=ratio, method=method, seed=seed, **options)
 
     run.__name__ = f"_{method.replace('-', '_')}" + (f"_{repair}" if repair else "")
