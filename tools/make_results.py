@@ -15,16 +15,21 @@ Models
                         probe on Fashion-MNIST (``--probe-train`` / ``--probe-test`` images from
                         its train / test splits; probe features = CLS ‖ mean patch token).
 
-Cost (2 CPU threads): DINOv2-S runs ~5 img/s at 224 px, so every DINOv2 variant costs about
-(probe-train + probe-test) / 5 seconds; with the defaults (2000 / 1000) and 18 variants that is
-hours. Everything is cached under ``--work`` (exported models, variants with their reports,
+Variants: every method (default: fold, prune-l1 and both with the data-free repair) at every
+fraction of the *parameters* removed (``--axis params``, the default: each method allocates the
+fraction over its groups, so methods compare at matched sizes; ``--axis channels`` removes the
+fraction from every group), each also INT8-quantized.
+
+Cost (2 CPU threads): DINOv2-S runs ~11 img/s at 224 px and batch 16 here, so every DINOv2
+variant costs about (probe-train + probe-test) / 11 seconds (less when compressed); with the
+defaults (2000 / 1000) and 34 variants that is about two hours. Everything is cached under ``--work`` (exported models, variants with their reports,
 reference outputs and probe features), and results are written after every variant, so an
 interrupted run resumes where it stopped.
 
 Example::
 
     .venv/bin/python tools/make_results.py --models efficientnet_lite0,dinov2_s \\
-        --ratios 0.1,0.2,0.3,0.4 --methods fold,prune-l1 --quantize int8
+        --ratios 0.1,0.2,0.3,0.4 --methods fold,prune-l1,fold-ar,prune-l1-ar --quantize int8
 """
 
 from __future__ import annotations
@@ -136,11 +141,12 @@ def run_job(job: ModelJob, args: argparse.Namespace, meta: dict) -> SweepReport:
     )  # fmt: skip
     logger.info("%s: reference ready in %.0f s", job.key, time.perf_counter() - t0)
     report = SweepReport(
-        model=str(model_path), methods=args.methods, ratios=args.ratios, quantize=args.quantize
-    )
+        model=str(model_path), methods=args.methods, ratios=args.ratios, quantize=args.quantize,
+        axis=args.axis,
+    )  # fmt: skip
     points = compress_variants(
-        model_path, ratios=args.ratios, methods=args.methods, out_dir=work / "variants",
-        quantize=args.quantize, threads=args.threads, seed=args.seed, reuse=True,
+        model_path, ratios=args.ratios, methods=args.methods, out_dir=work / f"variants-{args.axis}",
+        quantize=args.quantize, threads=args.threads, seed=args.seed, reuse=True, axis=args.axis,
     )  # fmt: skip
     measure_sizes(points)
     report.points = points
@@ -193,7 +199,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="efficientnet_lite0,dinov2_s", help=f"of {', '.join(JOBS)}")
     p.add_argument("--ratios", default="0.1,0.2,0.3,0.4")
-    p.add_argument("--methods", default="fold,prune-l1")
+    p.add_argument("--methods", default="fold,prune-l1,fold-ar,prune-l1-ar")
+    p.add_argument(
+        "--axis",
+        choices=("channels", "params"),
+        default="params",
+        help="ratios are fractions of the parameters removed (default) or of every group's channels",
+    )
     p.add_argument("--quantize", default="int8", help="int8 | int8-static | fp16 | none")
     p.add_argument("--probe-train", type=int, default=2000)
     p.add_argument("--probe-test", type=int, default=1000)
@@ -240,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     for key in [] if args.summary_only else args.models.split(","):
         if args.fresh:
-            shutil.rmtree(Path(args.work) / key / "variants", ignore_errors=True)
+            shutil.rmtree(Path(args.work) / key / f"variants-{args.axis}", ignore_errors=True)
         run_job(JOBS[key], args, meta)
     _summary(Path(args.out), replot=args.summary_only)
     return 0
