@@ -111,6 +111,14 @@ def _two_block_model(blocks, t: int = T) -> onnx.ModelProto:
     return m
 
 
+def _random_blocks(rng, n: int = 2) -> list[tuple]:
+    """(w1, b1, w2, b2) of *n* random residual MLP blocks."""
+    return [
+        (rng.normal(size=(D, H)), rng.normal(size=H), rng.normal(size=(H, D)), rng.normal(size=D))
+        for _ in range(n)
+    ]
+
+
 def _groups(n: int, h: int) -> list[ChannelGroup]:
     return [
         ChannelGroup(
@@ -169,10 +177,7 @@ def test_refit_recovers_a_planted_consumer_after_pruning(rng):
 def test_sequential_refit_never_worsens_a_block_output_on_the_calibration_set(rng, mode):
     """Each block's consumer output, computed from the refit model's own hidden activations,
     is at least as close to the original's as with the merged weights on the same activations."""
-    blocks = [
-        (rng.normal(size=(D, H)), rng.normal(size=H), rng.normal(size=(H, D)), rng.normal(size=D))
-        for _ in range(2)
-    ]
+    blocks = _random_blocks(rng)
     model = _two_block_model(blocks)
     calib = rng.normal(size=(64, T, D)).astype(np.float32)
     merged, _ = fold(model, 0.5, channel_groups=_groups(2, H))
@@ -195,10 +200,7 @@ def test_sequential_refit_never_worsens_a_block_output_on_the_calibration_set(rn
 
 
 def test_refit_none_leaves_the_folded_model_unchanged(rng):
-    blocks = [
-        (rng.normal(size=(D, H)), rng.normal(size=H), rng.normal(size=(H, D)), rng.normal(size=D))
-        for _ in range(2)
-    ]
+    blocks = _random_blocks(rng)
     model = _two_block_model(blocks)
     calib = rng.normal(size=(16, T, D)).astype(np.float32)
     a, _ = fold(model, 0.5, channel_groups=_groups(2, H))
@@ -288,10 +290,7 @@ def test_repair_ar_refits_mlp_consumers_on_synthetic_images(rng):
     from foldonnx.models.data import Preprocess
     from foldonnx.passes.fold.calibration import synthetic_images
 
-    blocks = [
-        (rng.normal(size=(D, H)), rng.normal(size=H), rng.normal(size=(H, D)), rng.normal(size=D))
-        for _ in range(2)
-    ]
+    blocks = _random_blocks(rng)
     model = _image_two_block_model(blocks)
     plain, _ = fold(model, 0.5, channel_groups=_groups(2, H))
     ar, report = fold(model, 0.5, channel_groups=_groups(2, H), repair="ar", synthetic_count=32)
@@ -311,10 +310,7 @@ def test_repair_ar_refits_mlp_consumers_on_synthetic_images(rng):
 
 
 def test_repair_ar_on_a_model_without_image_input_is_the_plain_fold_with_a_note(rng):
-    blocks = [
-        (rng.normal(size=(D, H)), rng.normal(size=H), rng.normal(size=(H, D)), rng.normal(size=D))
-        for _ in range(2)
-    ]
+    blocks = _random_blocks(rng)
     model = _two_block_model(blocks)
     plain, _ = fold(model, 0.5, channel_groups=_groups(2, H))
     ar, report = fold(model, 0.5, channel_groups=_groups(2, H), repair="ar")
@@ -336,10 +332,7 @@ def test_calibration_inputs_accepts_the_synthetic_source():
 def test_fold_ar_joins_the_method_registry(rng):
     from foldonnx.passes.registry import apply_method
 
-    blocks = [
-        (rng.normal(size=(D, H)), rng.normal(size=H), rng.normal(size=(H, D)), rng.normal(size=D))
-        for _ in range(2)
-    ]
+    blocks = _random_blocks(rng)
     model = _image_two_block_model(blocks)
     for name, method in (("fold-ar", "fold"), ("prune-l1-ar", "prune-l1")):
         folded, report = apply_method(name, model, 0.5, channel_groups=_groups(2, H), synthetic_count=8)
