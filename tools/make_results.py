@@ -22,9 +22,10 @@ fraction from every group), each also INT8-quantized.
 
 Cost (2 CPU threads): DINOv2-S runs ~11 img/s at 224 px and batch 16 here, so every DINOv2
 variant costs about (probe-train + probe-test) / 11 seconds (less when compressed); with the
-defaults (2000 / 1000) and 34 variants that is about two hours. Everything is cached under ``--work`` (exported models, variants with their reports,
-reference outputs and probe features), and results are written after every variant, so an
-interrupted run resumes where it stopped.
+defaults (2000 / 1000) and 34 variants that is about two hours. Everything is cached under
+``--work`` (exported models, variants with their reports, reference outputs and probe
+features), and results are written after every variant, so an interrupted run resumes where
+it stopped.
 
 Example::
 
