@@ -15,7 +15,7 @@ demo: setup
 	@mkdir -p $(OUT)
 	$(BIN)/fold-onnx export dinov2_s_backbone $(OUT)/dinov2_s_backbone.onnx
 	$(BIN)/fold-onnx fold $(OUT)/dinov2_s_backbone.onnx $(OUT)/dinov2_s_folded.onnx \
-		--target-params 0.2 --groups mlp,heads --report $(OUT)/dinov2_s_fold_report.json
+		--target-params 0.2 --groups mlp,heads --repair ar --report $(OUT)/dinov2_s_fold_report.json
 	$(BIN)/fold-onnx eval $(OUT)/dinov2_s_backbone.onnx $(OUT)/dinov2_s_folded.onnx --data imagenet20
 
 test: setup

@@ -339,3 +339,67 @@ def test_fold_ar_joins_the_method_registry(rng):
         assert report["method"] == method and report["repair"] == "ar"
         assert any(n.startswith("ar (synthetic:8)") for n in report["notes"])
         assert _init(folded, "l1_w2").shape == (H // 2, D)
+
+
+def _conv_relu_conv(w1: np.ndarray, b1: np.ndarray, w2: np.ndarray) -> onnx.ModelProto:
+    """img[N,3,8,8] -> Conv(w1, b1) -> Relu -> Conv 1x1 (w2): a conv group with no BatchNorm
+    (as exporters leave CNNs once BN is fused into the convs)."""
+    nodes = [
+        helper.make_node("Conv", ["img", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2"], ["y"], name="conv2"),
+    ]
+    weights = {"w1": w1, "b1": b1, "w2": w2}
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("img", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", w2.shape[0], 8, 8])],
+        [numpy_helper.from_array(np.asarray(a, np.float32), n) for n, a in weights.items()],
+    )  # fmt: skip
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_repair_ar_matches_statistics_of_conv_groups_without_batchnorm(rng):
+    from foldonnx.passes.analysis import find_channel_groups
+
+    c = 8
+    w1, b1, w2 = rng.normal(size=(c, 3, 3, 3)), rng.normal(size=c), rng.normal(size=(4, c, 1, 1))
+    model = _conv_relu_conv(w1, b1, w2)
+    assert [g.kind.value for g in find_channel_groups(model) if g.foldable] == ["conv"]
+    plain, _ = fold(model, 0.5, groups="conv", round_to=1)
+    ar, report = fold(model, 0.5, groups="conv", round_to=1, repair="ar", synthetic_count=16)
+    assert any("statistics matched in 1 group(s)" in n for n in report.notes), report.notes
+    g = report.groups[0]
+    assert (
+        g.repair == "ar" and g.repair_factor_mean is not None and g.repair_factor_min != g.repair_factor_max
+    )
+    assert not np.array_equal(_init(ar, "w1"), _init(plain, "w1"))
+    # exact duplicates stay exact: every merged channel already has its members' statistics
+    dup_model = _conv_relu_conv(
+        np.concatenate([w1, w1]), np.concatenate([b1, b1]), np.concatenate([w2, w2], axis=1) / 2
+    )
+    folded, rep = fold(dup_model, 0.5, groups="conv", round_to=1, repair="ar", synthetic_count=16)
+    x = rng.normal(size=(2, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(_run_img(folded, x), _run_img(dup_model, x), rtol=1e-4, atol=1e-4)
+    assert rep.groups[0].repair_factor_min == pytest.approx(1.0, abs=1e-4)
+    assert rep.groups[0].repair_factor_max == pytest.approx(1.0, abs=1e-4)
+
+
+def test_repair_normalises_calibration_images_as_the_file_records(rng):
+    """Synthetic (and --calib) images are normalised like the model's own inputs: the mean/std
+    `fold-onnx export` wrote into the file (EfficientNet: [-1, 1]), else ImageNet's."""
+    from foldonnx.models.registry import write_metadata
+    from foldonnx.passes.fold import FoldPass
+
+    model = _conv_relu_conv(rng.normal(size=(8, 3, 3, 3)), rng.normal(size=8), rng.normal(size=(4, 8, 1, 1)))
+    assert FoldPass(0.5)._preprocess(model) is None  # nothing recorded: ImageNet mean/std downstream
+    write_metadata(
+        model,
+        {"foldonnx.image_size": "8", "foldonnx.mean": "[0.5, 0.5, 0.5]", "foldonnx.std": "[0.5, 0.5, 0.5]"},
+    )
+    pre = FoldPass(0.5)._preprocess(model)
+    assert pre.size == 8 and pre.mean == (0.5, 0.5, 0.5) and pre.std == (0.5, 0.5, 0.5)
+    given = object()
+    assert FoldPass(0.5, calib_preprocess=given)._preprocess(model) is given

@@ -243,7 +243,7 @@ def _variant_kw(variant: str, calib) -> dict:
     return {"method": meth, "repair": rep, "calib": calib if rep == "data" else None}
 
 
-def bench_fidelity(ratios=(0.1, 0.2, 0.3), variants=VARIANTS) -> dict:
+def bench_fidelity(ratios=(0.1, 0.2, 0.3), variants=VARIANTS, models=("dinov2", "effnet")) -> dict:
     import onnx
 
     from foldonnx.models.data import Preprocess, load_source
@@ -256,13 +256,17 @@ def bench_fidelity(ratios=(0.1, 0.2, 0.3), variants=VARIANTS) -> dict:
     n_cal = int(CALIB.split(":")[1])
     cal_images = augmented_images(n_cal, size=224)
 
+    if "dinov2" not in models:
+        ratios_dino: tuple = ()
+    else:
+        ratios_dino = ratios
     # DINOv2-S: MLP + heads
     m = onnx.load(dinov2_path())
     pre = Preprocess(224)
     x, calib = pre(images), pre(cal_images)
     ref_sal, ref_cls = dinov2_outputs(m, x)
     groups = find_channel_groups(m)
-    for r in ratios:
+    for r in ratios_dino:
         for v in variants:
             t = time.perf_counter()
             fm, rpt = fold(
@@ -287,6 +291,8 @@ def bench_fidelity(ratios=(0.1, 0.2, 0.3), variants=VARIANTS) -> dict:
             print(rows[-1], flush=True)
 
     # EfficientNet-Lite0: all default kinds (conv, depthwise)
+    if "effnet" not in models:
+        ratios = ()
     path = export_cached("efficientnet_lite0", "effnet_lite0.onnx", pretrained=True)
     m = onnx.load(path)
     pre = Preprocess(224, mean=(0.5,) * 3, std=(0.5,) * 3)
@@ -467,13 +473,24 @@ def main() -> None:
     ap.add_argument("what", choices=("speed", "fidelity", "residual", "all"))
     ap.add_argument("--ratios", default="0.1,0.2,0.3")
     ap.add_argument("--speed-models", default=",".join(SPEED_MODELS))
+    ap.add_argument("--models", default="dinov2,effnet", help="fidelity: dinov2, effnet")
     args = ap.parse_args()
     results = {}
     if args.what in ("speed", "all"):
         results["speed"] = bench_speed(args.speed_models.split(","))
         write(results)
     if args.what in ("fidelity", "all"):
-        results["fidelity"] = bench_fidelity(tuple(float(r) for r in args.ratios.split(",")))
+        models = tuple(args.models.split(","))
+        res = bench_fidelity(tuple(float(r) for r in args.ratios.split(",")), models=models)
+        old = (
+            json.loads((OUT / "fold.json").read_text()).get("fidelity")
+            if (OUT / "fold.json").exists()
+            else None
+        )
+        if old:  # keep the rows of the models not run this time
+            names = {r["model"] for r in res["rows"]}
+            res["rows"] = [r for r in old["rows"] if r["model"] not in names] + res["rows"]
+        results["fidelity"] = res
         write(results)
     if args.what in ("residual", "all"):
         results["residual"] = bench_residual()

@@ -45,10 +45,14 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Kinds whose consumers ``repair="ar"`` refits on synthetic images (LayerNorm transformers: no
-# BatchNorm statistics to repair data-free). Measured on DINOv2-S (mlp+heads, 64 synthetic
-# images, CLS cosine on imagenet20): 10 % params 0.84 -> 0.88, 20 % 0.71 -> 0.80, 30 % 0.61 -> 0.75.
+# ``repair="ar"`` on groups without BatchNorm statistics to repair data-free (LayerNorm
+# transformers; CNNs whose BN the exporter fused into the convs) runs the data repair on 64
+# synthetic images instead of photos: MLP / heads consumers are refit, conv groups get their
+# statistics matched. Measured: DINOv2-S (mlp+heads, CLS cosine on imagenet20) 10 % params
+# 0.84 -> 0.88, 20 % 0.71 -> 0.80, 30 % 0.61 -> 0.75; EfficientNet-Lite0 (BN fused; top-1
+# agreement) 20 % 0.60 -> 0.70, 30 % 0.05 -> 0.55 (benchmarks/fold.md).
 SYNTHETIC_REFIT_KINDS = (GroupKind.MLP, GroupKind.HEADS)
+SYNTHETIC_STATS_KINDS = (GroupKind.CONV, GroupKind.DEPTHWISE, GroupKind.SE)
 
 # Kinds folded when --groups is not given. The residual stream is opt-in: on LayerNorm models
 # merging stream channels changes every LayerNorm's statistics (see README / report notes).
@@ -187,8 +191,9 @@ class FoldPass:
     group) or ``target_params`` (fraction of the model's parameters to remove, per-group ratios
     from :func:`foldonnx.passes.fold.allocation.allocate_ratios`); ``groups`` selects kinds and
     optional per-kind ratios; ``method`` is ``fold``, ``prune-l1`` or ``prune-l2``; ``repair``
-    is ``none``, ``ar`` (data-free: Fold-AR on BatchNorm groups, and for MLP / heads groups the
-    consumer refit on ``synthetic_count`` synthetic images) or ``data`` (needs ``calib``).
+    is ``none``, ``ar`` (data-free: Fold-AR on BatchNorm groups; MLP / heads consumers refit and
+    BN-less conv groups statistics-matched on ``synthetic_count`` synthetic images) or ``data``
+    (needs ``calib``).
     ``round_to`` (8) rounds the channels kept by single-channel groups to a multiple of it
     (widths that are multiples of it only; 1 turns it off): unaligned widths knock ONNX
     Runtime's CPU convolutions off their blocked kernels (EfficientNet-Lite0 folded 30 %:
@@ -324,42 +329,66 @@ class FoldPass:
             ratios = {g.id: kind_ratios[g.kind.value] for g in chosen}
         return ratios, skipped, kind_ratios
 
+    def _preprocess(self, model: onnx.ModelProto) -> Any:
+        """How calibration images become inputs: as given, else as recorded in the model's
+        metadata by ``fold-onnx export``, else (None) ImageNet mean/std at the input size."""
+        if self.calib_preprocess is not None:
+            return self.calib_preprocess
+        from foldonnx.models.registry import read_preprocess
+
+        return read_preprocess(model)
+
     def _repair_synthetic(
         self, model: onnx.ModelProto, tensors: ModelTensors, plans: list[GroupPlan], notes: list[str]
-    ) -> None:
-        """The data-free repair of MLP / heads groups (``repair="ar"``): the sequential ridge
-        refit of their consumers (as ``repair="data"``), calibrated on synthetic images made
-        from random numbers only (:func:`~foldonnx.passes.fold.calibration.synthetic_images`).
-        Models whose input is not an image are left as folded, with a note."""
+    ) -> dict[int, np.ndarray]:
+        """The data-free part of ``repair="ar"`` for groups Fold-AR cannot repair: the data
+        repair (:func:`~foldonnx.passes.fold.repair_data.repair_with_data`: consumer refit of
+        MLP / heads groups, statistics matching of conv groups without BatchNorm members)
+        calibrated on synthetic images made from random numbers only
+        (:func:`~foldonnx.passes.fold.calibration.synthetic_images`). Models whose input is not
+        an image are left as folded, with a note. Returns the scale factors per group."""
         from foldonnx.passes.fold.calibration import synthetic_images
         from foldonnx.passes.fold.repair_data import repair_with_data
 
-        if self.refit in (False, "none"):
-            notes.append("ar: refit none: mlp/heads groups left as folded")
-            return
-        todo = [p for p in plans if p.group.kind in SYNTHETIC_REFIT_KINDS]
+        todo = [
+            p
+            for p in plans
+            if p.group.kind in SYNTHETIC_REFIT_KINDS
+            or (p.group.kind in SYNTHETIC_STATS_KINDS and p.repair_factors is None)
+        ]
+        if not todo:
+            return {}
         inits = {t.name for t in model.graph.initializer}
         inputs = [i for i in model.graph.input if i.name not in inits]
         dims = inputs[0].type.tensor_type.shape.dim if len(inputs) == 1 else []
         if len(dims) != 4 or (dims[1].HasField("dim_value") and dims[1].dim_value != 3):
-            notes.append("ar: no data-free refit of mlp/heads groups (the model input is not an image)")
-            return
+            notes.append(
+                "ar: no data-free repair of groups without BatchNorm (the model input is not an image)"
+            )
+            return {}
         size = dims[-1].dim_value if dims[-1].HasField("dim_value") and dims[-1].dim_value else 224
         images = synthetic_images(self.synthetic_count, size=size, seed=self.seed)
         n_before = len(notes)
-        repair_with_data(
+        stats = repair_with_data(
             model,
             tensors,
             todo,
             images,
             limit=self.synthetic_count,
-            preprocess=self.calib_preprocess,
+            preprocess=self._preprocess(model),
             refit=self.refit,
             notes=notes,
         )
         for i in range(n_before, len(notes)):
             if notes[i].startswith("consumer refit"):
                 notes[i] = f"ar (synthetic:{self.synthetic_count}) " + notes[i]
+        if stats:
+            notes.append(
+                f"ar (synthetic:{self.synthetic_count}): statistics matched in {len(stats)} group(s)"
+            )
+        if self.refit in (False, "none") and any(p.group.kind in SYNTHETIC_REFIT_KINDS for p in todo):
+            notes.append("ar: refit none: mlp/heads groups left as folded")
+        return stats
 
     # ------------------------------------------------------------------------------------
     def run(self, model: onnx.ModelProto | LoadedModel) -> FoldResult:
@@ -377,7 +406,7 @@ class FoldPass:
 
         reference = verify_reference(model) if self.verify else None
         synthetic = self.repair == "ar" and any(
-            by_id[i].kind in SYNTHETIC_REFIT_KINDS for i, r in ratios.items() if r > 0
+            by_id[i].kind in SYNTHETIC_REFIT_KINDS + SYNTHETIC_STATS_KINDS for i, r in ratios.items() if r > 0
         )
         if self.inplace and self.repair != "data" and not synthetic:
             out = model  # the caller gave the model away: no second copy in memory
@@ -446,8 +475,9 @@ class FoldPass:
             )
         clear_value_info(out)
         notes: list[str] = []
+        stats: dict[int, np.ndarray] = {}
         if synthetic and plans:
-            self._repair_synthetic(model, tensors, plans, notes)
+            stats = self._repair_synthetic(model, tensors, plans, notes)
         if self.repair == "data" and plans:
             from foldonnx.passes.fold.repair_data import repair_with_data
 
@@ -457,19 +487,19 @@ class FoldPass:
                 plans,
                 self.calib,
                 limit=self.calib_limit,
-                preprocess=self.calib_preprocess,
+                preprocess=self._preprocess(model),
                 refit=self.refit,
                 notes=notes,
             )
-            by_gid = {r.id: r for r in reports}
-            for gid, fac in stats.items():
-                r = by_gid[gid]
-                r.repair = "data"
-                r.repair_factor_min, r.repair_factor_mean, r.repair_factor_max = (
-                    float(fac.min()),
-                    float(fac.mean()),
-                    float(fac.max()),
-                )
+        by_gid = {r.id: r for r in reports}
+        for gid, fac in stats.items():
+            r = by_gid[gid]
+            r.repair = self.repair
+            r.repair_factor_min, r.repair_factor_mean, r.repair_factor_max = (
+                float(fac.min()),
+                float(fac.mean()),
+                float(fac.max()),
+            )
         if self.verify:
             verify_model(reference, out)
         after = model_stats(out, reference=ref_shapes, probe=False)
