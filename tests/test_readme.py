@@ -80,3 +80,22 @@ def test_make_demo(tmp_path):
     assert (tmp_path / "dinov2_s_folded.onnx").exists()
     assert "parameters" in proc.stdout and "-20.0%" in proc.stdout
     assert "cls_cosine" in proc.stdout or "cosine" in proc.stdout
+
+
+@pytest.mark.slow
+def test_readme_python_blocks_run(tmp_path, dinov2_backbone_onnx):
+    """The Python API examples, run as written, beside the files they name."""
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert blocks, "the README's Python example went missing"
+    (tmp_path / "dinov2_s_backbone.onnx").symlink_to(dinov2_backbone_onnx)
+    for code in blocks:
+        proc = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=tmp_path,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert proc.returncode == 0, f"README Python block failed:\n{code}\n{proc.stderr[-2000:]}"
+        assert "removed" in proc.stdout
