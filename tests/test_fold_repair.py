@@ -403,3 +403,12 @@ def test_repair_normalises_calibration_images_as_the_file_records(rng):
     assert pre.size == 8 and pre.mean == (0.5, 0.5, 0.5) and pre.std == (0.5, 0.5, 0.5)
     given = object()
     assert FoldPass(0.5, calib_preprocess=given)._preprocess(model) is given
+
+
+def test_synthetic_calibration_shrinks_with_the_input_size():
+    from foldonnx.passes.fold.pass_ import synthetic_count_for
+
+    assert synthetic_count_for(64, 224) == 64 and synthetic_count_for(64, 32) == 64
+    assert synthetic_count_for(64, 448) == 16  # same pixels: a quarter of the images
+    assert synthetic_count_for(64, 1024) == 4  # SAM: 4 images, not 64
+    assert synthetic_count_for(2, 1024) == 2  # never more than asked

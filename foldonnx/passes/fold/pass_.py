@@ -367,25 +367,24 @@ class FoldPass:
             )
             return {}
         size = dims[-1].dim_value if dims[-1].HasField("dim_value") and dims[-1].dim_value else 224
-        images = synthetic_images(self.synthetic_count, size=size, seed=self.seed)
+        count = synthetic_count_for(self.synthetic_count, size)
+        images = synthetic_images(count, size=size, seed=self.seed)
         n_before = len(notes)
         stats = repair_with_data(
             model,
             tensors,
             todo,
             images,
-            limit=self.synthetic_count,
+            limit=count,
             preprocess=self._preprocess(model),
             refit=self.refit,
             notes=notes,
         )
         for i in range(n_before, len(notes)):
             if notes[i].startswith("consumer refit"):
-                notes[i] = f"ar (synthetic:{self.synthetic_count}) " + notes[i]
+                notes[i] = f"ar (synthetic:{count}) " + notes[i]
         if stats:
-            notes.append(
-                f"ar (synthetic:{self.synthetic_count}): statistics matched in {len(stats)} group(s)"
-            )
+            notes.append(f"ar (synthetic:{count}): statistics matched in {len(stats)} group(s)")
         if self.refit in (False, "none") and any(p.group.kind in SYNTHETIC_REFIT_KINDS for p in todo):
             notes.append("ar: refit none: mlp/heads groups left as folded")
         return stats
@@ -538,6 +537,15 @@ class FoldPass:
             report.seconds,
         )
         return FoldResult(model=out, report=report)
+
+
+def synthetic_count_for(count: int, size: int, base: int = 224) -> int:
+    """Synthetic images for an input of ``size`` px: *count* at ``base`` px or less, fewer for
+    larger inputs so the pixels (and the tokens a ViT makes of them) stay about the same — SAM
+    at 1024 px gets 4 images (16 384 tokens), not 64 that would take hours on a CPU."""
+    if size <= base:
+        return count
+    return max(min(count, 4), int(round(count * (base / size) ** 2)))
 
 
 def model_stats_params(model: onnx.ModelProto) -> int:
