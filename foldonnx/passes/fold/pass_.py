@@ -197,11 +197,11 @@ class FoldPass:
     ``round_to`` (8) rounds the channels kept by single-channel groups to a multiple of it
     (widths that are multiples of it only; 1 turns it off): unaligned widths knock ONNX
     Runtime's CPU convolutions off their blocked kernels (EfficientNet-Lite0 folded 30 %:
-    1.76x *slower* than the original unrounded, 1.41x faster rounded to 8). ``channel_groups`` skips the
-    analysis (groups computed elsewhere). ``verify`` checks the result with onnx.checker and
-    ONNX Runtime (loads, runs on zeros, same output shapes). ``inplace`` folds the given
-    ModelProto itself instead of a copy (saves one model in memory; not with a refit, which
-    runs the original model too).
+    0.56x the original's speed unrounded, 1.42x faster rounded to 8; benchmarks/runtime.md).
+    ``channel_groups`` skips the analysis (groups computed elsewhere). ``verify`` checks the
+    result with onnx.checker and ONNX Runtime (loads, runs on zeros, same output shapes).
+    ``inplace`` folds the given ModelProto itself instead of a copy (saves one model in memory;
+    not with a refit, which runs the original model too).
     """
 
     def __init__(
