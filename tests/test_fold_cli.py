@@ -186,6 +186,14 @@ def test_package_level_api_mirrors_the_cli(mlp_files):
     assert report.before.bytes > report.after.bytes
 
 
+def test_cli_prints_the_report_notes(mlp_files, tmp_path, capsys):
+    _, _, src = mlp_files
+    out = tmp_path / "out.onnx"
+    # 16 hidden units kept at multiples of 8 cannot land near 20 %: the note says so on the terminal
+    assert main(["fold", str(src), str(out), "--target-params", "0.2"]) == 0
+    assert "note: target-params 0.2 reached" in capsys.readouterr().out
+
+
 def test_cli_keeps_the_external_data_layout_and_never_touches_the_input(tmp_path):
     model = _chain_mlp(np.random.default_rng(4))  # w1 is 32x32 floats: above the 1 KB threshold
     src_dir, out_dir = tmp_path / "src", tmp_path / "out"

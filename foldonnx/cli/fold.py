@@ -147,6 +147,10 @@ def _print_table(report, out_size: int) -> None:
             console.print(f"  #{s.id} {s.kind} {s.name}: {s.reason}")
         if len(report.skipped) > 10:
             console.print(f"  ... and {len(report.skipped) - 10} more (see --report)")
+    for note in report.notes[:8]:
+        console.print(f"note: {note}")
+    if len(report.notes) > 8:
+        console.print(f"  ... and {len(report.notes) - 8} more notes (see --report)")
     console.print(f"time: {report.seconds:.1f} s (analysis {report.analysis_seconds:.1f} s)")
 
 
