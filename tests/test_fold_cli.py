@@ -48,6 +48,9 @@ def test_cli_folds_and_writes_report(mlp_files, tmp_path, capsys):
         (["--ratio", "0.3", "--groups", "heads"], "has no heads groups"),
         (["--ratio", "0.3", "--groups", "nonsense"], "unknown group kind"),
         (["--ratio", "0.3", "--repair", "data"], "needs calibration data"),
+        (["--ratio", "0.3", "--repair", "data", "--calib", "synthetic:abc"], "must be a positive integer"),
+        (["--ratio", "0.3", "--repair", "data", "--calib", "augmented:-3"], "must be a positive integer"),
+        (["--ratio", "0.3", "--round-to", "0"], "round-to must be >= 1"),
         ([], "give --ratio"),
     ],
 )

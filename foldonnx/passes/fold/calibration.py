@@ -15,6 +15,7 @@ import logging
 
 import numpy as np
 
+from foldonnx.errors import DataError
 from foldonnx.models.data import ImageSet, load_source
 
 __all__ = [
@@ -34,12 +35,26 @@ DEFAULT_COUNT = 256
 logger = logging.getLogger(__name__)
 
 
+def _parse_count(spec: str, source: str) -> int | None:
+    """``"<source>"`` → the default count, ``"<source>:N"`` → N (a positive integer; anything
+    else is a one-line :class:`DataError`), another source → None."""
+    name, _, arg = spec.partition(":")
+    if name != source:
+        return None
+    if not arg:
+        return DEFAULT_COUNT
+    try:
+        count = int(arg)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise DataError(f"{spec!r}: the image count after '{source}:' must be a positive integer")
+    return count
+
+
 def parse_augmented(spec: str) -> int | None:
     """``"augmented"`` → 256, ``"augmented:128"`` → 128, anything else → None."""
-    name, _, arg = spec.partition(":")
-    if name != AUGMENTED_SOURCE:
-        return None
-    return int(arg) if arg else DEFAULT_COUNT
+    return _parse_count(spec, AUGMENTED_SOURCE)
 
 
 def _crop_box(h: int, w: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
@@ -109,10 +124,7 @@ SYNTHETIC_SOURCE = "synthetic"
 
 def parse_synthetic(spec: str) -> int | None:
     """``"synthetic"`` → 256, ``"synthetic:64"`` → 64, anything else → None."""
-    name, _, arg = spec.partition(":")
-    if name != SYNTHETIC_SOURCE:
-        return None
-    return int(arg) if arg else DEFAULT_COUNT
+    return _parse_count(spec, SYNTHETIC_SOURCE)
 
 
 def spectral_noise(size: int, rng: np.random.Generator) -> np.ndarray:
