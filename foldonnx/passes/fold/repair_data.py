@@ -31,7 +31,7 @@ on calibration images, through ONNX Runtime.
    whole-model refit on 20 photos with the original model's inputs hurt as well.
 
 Groups that cannot be tapped (heads, residual, producers at an offset in a fused tensor) get
-no statistics matching, with a note.
+no statistics matching; a note says so except for heads, whose repair is the consumer refit.
 """
 
 from __future__ import annotations
@@ -242,7 +242,7 @@ def repair_with_data(
     for plan in plans:
         t = _find_taps(tensors, plan)
         if isinstance(t, str):
-            if notes is not None:
+            if notes is not None and plan.group.kind != GroupKind.HEADS:  # heads: refit only, by design
                 notes.append(f"group {plan.group.id}: no statistics matching ({t})")
             continue
         taps.append((t, plan))
