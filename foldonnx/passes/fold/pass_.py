@@ -48,9 +48,9 @@ logger = logging.getLogger(__name__)
 # ``repair="ar"`` on groups without BatchNorm statistics to repair data-free (LayerNorm
 # transformers; CNNs whose BN the exporter fused into the convs) runs the data repair on 64
 # synthetic images instead of photos: MLP / heads consumers are refit, conv groups get their
-# statistics matched. Measured: DINOv2-S (mlp+heads, CLS cosine on imagenet20) 10 % params
-# 0.84 -> 0.88, 20 % 0.71 -> 0.80, 30 % 0.61 -> 0.75; EfficientNet-Lite0 (BN fused; top-1
-# agreement) 20 % 0.60 -> 0.70, 30 % 0.05 -> 0.55 (benchmarks/fold.md).
+# statistics matched. Measured (benchmarks/fold.md): DINOv2-S (mlp+heads, CLS cosine on
+# imagenet20) 10 % params 0.82 -> 0.87, 20 % 0.68 -> 0.79, 30 % 0.62 -> 0.73;
+# EfficientNet-Lite0 (BN fused; top-1 agreement) 20 % 0.60 -> 0.70, 30 % 0.05 -> 0.55.
 SYNTHETIC_REFIT_KINDS = (GroupKind.MLP, GroupKind.HEADS)
 SYNTHETIC_STATS_KINDS = (GroupKind.CONV, GroupKind.DEPTHWISE, GroupKind.SE)
 
