@@ -210,26 +210,31 @@ def test_refit_none_leaves_the_folded_model_unchanged(rng):
 
 
 # ------------------------------------------------------------------------- calibration set
+def _seeded_image_set(make, n: int, size: int):
+    """*make(n, size=, seed=)* gives n RGB uint8 images, the same for a seed, others for another."""
+    a, b, c = (make(n, size=size, seed=s) for s in (3, 3, 4))
+    assert len(a) == n and all(im.shape == (size, size, 3) and im.dtype == np.uint8 for im in a.images)
+    assert all(np.array_equal(x, y) for x, y in zip(a.images, b.images, strict=True))
+    assert not all(np.array_equal(x, y) for x, y in zip(a.images, c.images, strict=True))
+    return a, c
+
+
 def test_augmented_calibration_set_is_seeded_and_sized():
     from foldonnx.passes.fold.calibration import augmented_images, parse_augmented
 
-    a = augmented_images(12, size=64, seed=3)
-    b = augmented_images(12, size=64, seed=3)
-    c = augmented_images(12, size=64, seed=4)
-    assert len(a) == 12 and all(im.shape == (64, 64, 3) and im.dtype == np.uint8 for im in a.images)
-    assert all(np.array_equal(x, y) for x, y in zip(a.images, b.images, strict=True))
-    assert not all(np.array_equal(x, y) for x, y in zip(a.images, c.images, strict=True))
+    _seeded_image_set(augmented_images, 12, 64)
     assert parse_augmented("augmented") == 256 and parse_augmented("augmented:40") == 40
     assert parse_augmented("photos") is None
 
 
-def test_calibration_inputs_accepts_the_augmented_source():
+@pytest.mark.parametrize("source", ["augmented:6", "synthetic:5"])
+def test_calibration_inputs_accepts_the_generated_sources(source):
     from foldonnx.passes.fold.repair_data import calibration_inputs
 
     vi = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 3, 32, 32]) for n in ("img", "out")]
     graph = helper.make_graph([helper.make_node("Identity", ["img"], ["out"])], "g", vi[:1], vi[1:])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    feeds = calibration_inputs(model, "augmented:6", limit=4)
+    feeds = calibration_inputs(model, source, limit=4)
     assert list(feeds) == ["img"] and feeds["img"].shape == (4, 3, 32, 32)
     assert feeds["img"].dtype == np.float32 and np.isfinite(feeds["img"]).all()
 
@@ -250,11 +255,7 @@ def _radial_power_slope(img: np.ndarray) -> float:
 def test_synthetic_images_are_seeded_and_have_a_natural_power_spectrum():
     from foldonnx.passes.fold.calibration import parse_synthetic, synthetic_images
 
-    a = synthetic_images(6, size=128, seed=1)
-    b = synthetic_images(6, size=128, seed=1)
-    c = synthetic_images(6, size=128, seed=2)
-    assert len(a) == 6 and all(im.shape == (128, 128, 3) and im.dtype == np.uint8 for im in a.images)
-    assert all(np.array_equal(x, y) for x, y in zip(a.images, b.images, strict=True))
+    a, c = _seeded_image_set(synthetic_images, 6, 128)
     assert not any(np.array_equal(x, y) for x, y in zip(a.images, c.images, strict=True))
     # natural photos have power ~ 1/f^2 (slope -2); white noise would be 0
     slopes = [_radial_power_slope(im) for im in a.images]
@@ -317,16 +318,6 @@ def test_repair_ar_on_a_model_without_image_input_is_the_plain_fold_with_a_note(
     x = rng.normal(size=(2, T, D)).astype(np.float32)
     np.testing.assert_array_equal(_run(ar, x)[0], _run(plain, x)[0])
     assert any("input is not an image" in n for n in report.notes)
-
-
-def test_calibration_inputs_accepts_the_synthetic_source():
-    from foldonnx.passes.fold.repair_data import calibration_inputs
-
-    vi = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 3, 32, 32]) for n in ("img", "out")]
-    graph = helper.make_graph([helper.make_node("Identity", ["img"], ["out"])], "g", vi[:1], vi[1:])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    feeds = calibration_inputs(model, "synthetic:5", limit=4)
-    assert feeds["img"].shape == (4, 3, 32, 32) and np.isfinite(feeds["img"]).all()
 
 
 def test_fold_ar_joins_the_method_registry(rng):
