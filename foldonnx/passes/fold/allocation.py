@@ -86,7 +86,7 @@ def fan_out(g: ChannelGroup) -> int:
 class ParamLedger:
     """Exact count of the parameters a set of per-group channel removals takes out.
 
-    Summing ``channels removed × params_per_channel`` over groups over-counts whenever one
+    Summing channels removed × parameters per channel over groups over-counts whenever one
     tensor carries two groups on different axes (a pointwise conv's weight is the producer of
     its output group and the consumer of its input group): its size after both is
     ``(out − a)·(in − b)``, not ``out·in − a·in − b·out``. Measured on EfficientNet-Lite0 at a

@@ -32,7 +32,6 @@ __all__ = [
     "GroupPlan",
     "plan_group",
     "group_features",
-    "params_per_channel",
     "kept_channels",
     "METHODS",
     "REPAIRS",
@@ -118,17 +117,6 @@ def kept_channels(group: ChannelGroup, ratio: float, round_to: int = 1) -> int:
     kernels and GPU tensor cores want channel counts in multiples of 8 or 16)."""
     k = nx.target_channels(group.channels, ratio)
     return nx.round_channels(k, group.channels, round_to) if group.unit == 1 else k
-
-
-def params_per_channel(tensors: ModelTensors, group: ChannelGroup) -> int:
-    """Scalars removed from the model per channel (unit) merged away: every member slice."""
-    total = 0
-    for m in _unique_members(group).values():
-        numel = tensors.numel(tensors.current(m.tensor, m.node))
-        dims = tensors._proto(tensors.current(m.tensor, m.node)).dims
-        rest = numel // max(int(dims[m.axis]), 1) if len(dims) > m.axis else 1
-        total += rest * group.unit
-    return total
 
 
 def plan_group(
