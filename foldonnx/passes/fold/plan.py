@@ -113,8 +113,8 @@ def group_features(tensors: ModelTensors, group: ChannelGroup) -> tuple[np.ndarr
 
 def kept_channels(group: ChannelGroup, ratio: float, round_to: int = 1) -> int:
     """Channels (units) *group* keeps at *ratio*; for groups of single channels (not heads)
-    rounded to a multiple of *round_to* when the group's width is one (ORT's blocked CPU
-    kernels and GPU tensor cores want channel counts in multiples of 8 or 16)."""
+    rounded to a multiple of *round_to* when the group's width is itself a multiple of it
+    (ORT's blocked CPU kernels and GPU tensor cores want channel counts in multiples of 8 or 16)."""
     k = nx.target_channels(group.channels, ratio)
     return nx.round_channels(k, group.channels, round_to) if group.unit == 1 else k
 
