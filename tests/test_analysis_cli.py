@@ -10,9 +10,9 @@ import pytest
 from test_analysis_foldcheck import build
 from test_analysis_handlers import FUSED_ATTN, SEPARATE_ATTN
 
+from foldonnx.analysis import find_channel_groups
+from foldonnx.analysis.channel_groups import groups_from_json
 from foldonnx.cli import main
-from foldonnx.passes.analysis import find_channel_groups
-from foldonnx.passes.channel_groups import groups_from_json
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from foldonnx.passes.analysis.dims import Atom, DimSolver, align_sizes
+from foldonnx.analysis.dims import Atom, DimSolver, align_sizes
 
 
 def test_align_sizes() -> None:

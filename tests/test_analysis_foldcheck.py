@@ -18,9 +18,9 @@ import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 
-from foldonnx.passes.analysis import find_channel_groups
-from foldonnx.passes.analysis.graph_view import GraphView
-from foldonnx.passes.channel_groups import ChannelGroup, Role
+from foldonnx.analysis import find_channel_groups
+from foldonnx.analysis.channel_groups import ChannelGroup, Role
+from foldonnx.analysis.graph_view import GraphView
 
 __all__ = [
     "build",

@@ -12,9 +12,9 @@ import onnx
 import pytest
 from test_analysis_foldcheck import build, check_all_groups
 
+from foldonnx.analysis import HANDLERS, find_channel_groups, summarize_groups
+from foldonnx.analysis.channel_groups import DimRef, GroupKind, Role, groups_from_json, groups_to_json
 from foldonnx.errors import AnalysisError
-from foldonnx.passes.analysis import HANDLERS, find_channel_groups, summarize_groups
-from foldonnx.passes.channel_groups import DimRef, GroupKind, Role, groups_from_json, groups_to_json
 
 H = '<ir_version: 8, opset_import: ["" : 17]>\n'
 H20 = '<ir_version: 10, opset_import: ["" : 20]>\n'

@@ -20,9 +20,9 @@ import onnx
 import pytest
 from test_analysis_foldcheck import check_group, make_inputs, run_model
 
+from foldonnx.analysis import find_channel_groups
+from foldonnx.analysis.channel_groups import ChannelGroup, GroupKind
 from foldonnx.cli import main
-from foldonnx.passes.analysis import find_channel_groups
-from foldonnx.passes.channel_groups import ChannelGroup, GroupKind
 
 pytestmark = pytest.mark.slow
 

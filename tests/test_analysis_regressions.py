@@ -6,8 +6,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from foldonnx.passes.analysis import find_channel_groups
-from foldonnx.passes.channel_groups import DimRef
+from foldonnx.analysis import find_channel_groups
+from foldonnx.analysis.channel_groups import DimRef
 
 
 def _windowed_heads_model(windows: int = 4, heads: int = 3, hd: int = 2, tokens: int = 5) -> onnx.ModelProto:

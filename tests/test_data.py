@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from foldonnx.data.sources import Preprocess, fashion_mnist, foolbox_images, load_source
 from foldonnx.errors import DataError
-from foldonnx.models.data import Preprocess, fashion_mnist, foolbox_images, load_source
 
 
 def test_foolbox_imagenet_has_labels():

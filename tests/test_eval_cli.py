@@ -11,6 +11,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 import foldonnx.cli
+from foldonnx.data.sources import Preprocess
 from foldonnx.errors import DataError
 from foldonnx.evaluate import (
     Evaluator,
@@ -20,7 +21,6 @@ from foldonnx.evaluate import (
     resolve_preprocess,
     run_model,
 )
-from foldonnx.models.data import Preprocess
 
 C, FEAT = 10, 48  # classes; 3x4x4 inputs flattened
 

@@ -312,7 +312,7 @@ def test_real_architecture_export_parity(
 
 @pytest.mark.slow
 def test_efficientnet_lite0_top1_on_imagenet_in_ort(efficientnet_lite0_onnx: Path) -> None:
-    from foldonnx.models.data import foolbox_images
+    from foldonnx.data.sources import foolbox_images
 
     images = foolbox_images("imagenet")
     assert len(images) == 20
@@ -330,7 +330,7 @@ def test_efficientnet_lite0_top1_on_imagenet_in_ort(efficientnet_lite0_onnx: Pat
 def test_efficientnet_lite0_dynamic_batch_matches_single(
     efficientnet_lite0_onnx: Path, efficientnet_lite0_dynamic_onnx: Path
 ) -> None:
-    from foldonnx.models.data import foolbox_images
+    from foldonnx.data.sources import foolbox_images
 
     images = foolbox_images("imagenet").subset(slice(0, 4))
     x = read_preprocess(efficientnet_lite0_dynamic_onnx)(images)  # type: ignore[misc]

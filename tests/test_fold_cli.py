@@ -9,9 +9,9 @@ import onnx
 import pytest
 from test_fold_exact import _mlp_pair, attention_model, conv_bn_model, dup, init, run, split_dup
 
+from foldonnx.analysis import find_channel_groups
 from foldonnx.cli import main
 from foldonnx.errors import UsageError
-from foldonnx.passes.analysis import find_channel_groups
 from foldonnx.passes.fold import FoldReport, fold
 
 

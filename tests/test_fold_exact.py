@@ -15,7 +15,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from foldonnx.passes.channel_groups import ChannelGroup, DimRef, GroupKind, Member, NormRef, Role
+from foldonnx.analysis.channel_groups import ChannelGroup, DimRef, GroupKind, Member, NormRef, Role
 from foldonnx.passes.fold import FoldPass, fold
 
 OPSET = 17
@@ -587,8 +587,8 @@ def test_uneven_residual_duplicates_need_the_weighted_layernorm(rng, fused):
 def test_data_repair_matches_merged_channel_statistics(rng):
     """REPAIR on conv+BN: duplicates stay exact (scale 1, shift 0); on distinct channels the
     merged channels' BN-output mean/std equal the mean of their members' on the calibration set."""
+    from foldonnx.graph.tensors import ModelTensors
     from foldonnx.passes.fold.plan import plan_group
-    from foldonnx.passes.fold.rewrite import ModelTensors
 
     c = 4
     w1 = rng.normal(size=(c, 3, 3, 3)).astype(np.float32)
@@ -699,7 +699,7 @@ def _kept(before: onnx.ModelProto, after: onnx.ModelProto) -> np.ndarray:
 
 def test_square_conv_group_from_the_analysis_folds_exactly(rng):
     """The analysis puts w1 on both axes of one group; the fold of its own groups is exact."""
-    from foldonnx.passes.analysis import find_channel_groups
+    from foldonnx.analysis import find_channel_groups
 
     c = 3
     w0 = rng.normal(size=(c, 3, 1, 1)).astype(np.float32)

@@ -22,8 +22,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from foldonnx.passes.analysis import find_channel_groups
-from foldonnx.passes.channel_groups import GroupKind
+from foldonnx.analysis import find_channel_groups
+from foldonnx.analysis.channel_groups import GroupKind
 from foldonnx.passes.fold import fold
 
 pytestmark = pytest.mark.slow

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from foldonnx.passes.fold import numerics as nx
+from foldonnx.numerics import merge as nx
 
 
 def test_target_channels_rounds_and_validates():

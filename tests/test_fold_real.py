@@ -16,7 +16,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from foldonnx.passes.analysis import find_channel_groups
+from foldonnx.analysis import find_channel_groups
 from foldonnx.passes.fold import fold
 
 pytestmark = [pytest.mark.slow, pytest.mark.realmodel]
@@ -39,7 +39,7 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.fixture(scope="session")
 def imagenet20():
-    from foldonnx.models.data import load_source
+    from foldonnx.data.sources import load_source
 
     return load_source("imagenet20")
 
@@ -62,7 +62,7 @@ def _dino_cls(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 
 
 def test_dinov2_fold_beats_l1_pruning_at_30_percent(dinov2, imagenet20):
-    from foldonnx.models.data import Preprocess
+    from foldonnx.data.sources import Preprocess
 
     model, groups = dinov2
     x = Preprocess(224)(imagenet20)
@@ -98,7 +98,7 @@ def _logits(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 
 
 def test_effnet_lite0_fold_beats_l1_pruning_at_30_percent_params(effnet_lite0, imagenet20):
-    from foldonnx.models.data import Preprocess
+    from foldonnx.data.sources import Preprocess
 
     model, groups = effnet_lite0
     x = Preprocess(224, mean=(0.5,) * 3, std=(0.5,) * 3)(imagenet20)

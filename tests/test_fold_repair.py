@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from foldonnx.passes.channel_groups import ChannelGroup, GroupKind, Member, Role
+from foldonnx.analysis.channel_groups import ChannelGroup, GroupKind, Member, Role
 from foldonnx.passes.fold import fold
 from foldonnx.passes.fold.repair_data import (
     LsqStats,
@@ -220,7 +220,7 @@ def _seeded_image_set(make, n: int, size: int):
 
 
 def test_augmented_calibration_set_is_seeded_and_sized():
-    from foldonnx.passes.fold.calibration import augmented_images, parse_augmented
+    from foldonnx.data.calibration import augmented_images, parse_augmented
 
     _seeded_image_set(augmented_images, 12, 64)
     assert parse_augmented("augmented") == 256 and parse_augmented("augmented:40") == 40
@@ -253,7 +253,7 @@ def _radial_power_slope(img: np.ndarray) -> float:
 
 
 def test_synthetic_images_are_seeded_and_have_a_natural_power_spectrum():
-    from foldonnx.passes.fold.calibration import parse_synthetic, synthetic_images
+    from foldonnx.data.calibration import parse_synthetic, synthetic_images
 
     a, c = _seeded_image_set(synthetic_images, 6, 128)
     assert not any(np.array_equal(x, y) for x, y in zip(a.images, c.images, strict=True))
@@ -288,8 +288,8 @@ def _run_img(model, x):
 
 
 def test_repair_ar_refits_mlp_consumers_on_synthetic_images(rng):
-    from foldonnx.models.data import Preprocess
-    from foldonnx.passes.fold.calibration import synthetic_images
+    from foldonnx.data.calibration import synthetic_images
+    from foldonnx.data.sources import Preprocess
 
     blocks = _random_blocks(rng)
     model = _image_two_block_model(blocks)
@@ -353,7 +353,7 @@ def _conv_relu_conv(w1: np.ndarray, b1: np.ndarray, w2: np.ndarray) -> onnx.Mode
 
 
 def test_repair_ar_matches_statistics_of_conv_groups_without_batchnorm(rng):
-    from foldonnx.passes.analysis import find_channel_groups
+    from foldonnx.analysis import find_channel_groups
 
     c = 8
     w1, b1, w2 = rng.normal(size=(c, 3, 3, 3)), rng.normal(size=c), rng.normal(size=(4, c, 1, 1))

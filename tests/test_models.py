@@ -10,9 +10,9 @@ import numpy as np
 import onnx
 import pytest
 
+from foldonnx.data.sources import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from foldonnx.errors import ExportError
 from foldonnx.models import assets, registry
-from foldonnx.models.data import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from foldonnx.models.registry import (
     get_model_spec,
     list_models,
@@ -286,7 +286,7 @@ def test_efficientnet_lite0_weights_are_the_real_ones() -> None:
 def test_efficientnet_lite0_torch_classifies_imagenet_images() -> None:
     """The packaged weights are trained (not random): torch top-1 on foolbox's 20 images."""
     torch = pytest.importorskip("torch")
-    from foldonnx.models.data import foolbox_images
+    from foldonnx.data.sources import foolbox_images
 
     spec = get_model_spec("efficientnet_lite0")
     model = assets.efficientnet_lite(0)
@@ -298,8 +298,8 @@ def test_efficientnet_lite0_torch_classifies_imagenet_images() -> None:
 
 
 def test_dinov2_onnx_runs_on_a_real_photo(dinov2_onnx_path: Path) -> None:
+    from foldonnx.data.sources import skimage_photos
     from foldonnx.exporter.parity import ort_session
-    from foldonnx.models.data import skimage_photos
 
     photos = skimage_photos()
     astronaut = photos.images[photos.classes.index("astronaut")]  # type: ignore[union-attr]
@@ -311,8 +311,8 @@ def test_dinov2_onnx_runs_on_a_real_photo(dinov2_onnx_path: Path) -> None:
 
 
 def test_dinov2_backbone_features_on_real_photos(dinov2_backbone_onnx: Path) -> None:
+    from foldonnx.data.sources import skimage_photos
     from foldonnx.exporter.parity import ort_session
-    from foldonnx.models.data import skimage_photos
 
     photos = skimage_photos()
     pick = [photos.classes.index(n) for n in ("astronaut", "chelsea", "coffee")]  # type: ignore[union-attr]

@@ -130,7 +130,7 @@ def test_shape_arithmetic_nodes_stay_fp32() -> None:
 
 
 def test_preprocess_from_metadata_else_imagenet_at_input_size() -> None:
-    from foldonnx.models.data import IMAGENET_MEAN, IMAGENET_STD
+    from foldonnx.data.sources import IMAGENET_MEAN, IMAGENET_STD
     from foldonnx.runtime.quantize import preprocess_for
 
     model = tiny_classifier(size=48)

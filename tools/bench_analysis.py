@@ -121,8 +121,8 @@ def export(name: str, cache: Path) -> tuple[Path, float]:
 def measure(name: str, cache: Path, repeat: int) -> dict[str, Any]:
     import onnx
 
+    from foldonnx.analysis import count_parameters, find_channel_groups, summarize_groups
     from foldonnx.onnx_file import load_model
-    from foldonnx.passes.analysis import count_parameters, find_channel_groups, summarize_groups
 
     spec = MODELS[name]
     row: dict[str, Any] = {"model": name, "label": spec["label"], "target_s": spec["target_s"]}

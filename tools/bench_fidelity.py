@@ -6,7 +6,7 @@
 For each target (fraction of parameters removed, ``groups="mlp,heads"``, each method's own
 allocation) and method, the model is compressed without repair and with data repair
 (``repair="data"``, consumer refit ``bias`` / ``ridge``) on the augmented calibration set
-(``foldonnx.passes.fold.calibration``: random crops of the skimage photos and upsampled
+(``foldonnx.data.calibration``: random crops of the skimage photos and upsampled
 CIFAR — never the evaluation images). Metrics against the original model on ``imagenet20``:
 cosine of the CLS token (token 0 of ``last_hidden_state``) and mean cosine over all tokens.
 
@@ -48,10 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     import onnx
 
     from foldonnx import fold
+    from foldonnx.data.calibration import augmented_images
+    from foldonnx.data.sources import Preprocess, load_source
     from foldonnx.evaluate.metrics import cls_token_cosine, cosine_similarity
     from foldonnx.exporter.export import export_model
-    from foldonnx.models.data import Preprocess, load_source
-    from foldonnx.passes.fold.calibration import augmented_images
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ratios", default="0.1,0.2,0.3", help="fractions of parameters removed")

@@ -76,8 +76,8 @@ def _vm_kib(field: str) -> int:
 def _reference_child(path: str) -> None:
     """Runs in a subprocess: what the folded model must keep (IO names, ORT output shapes on
     zeros), computed on the original, so the fold process does not pay for that ORT run."""
+    from foldonnx.graph.verify import verify_reference
     from foldonnx.onnx_file import load_model
-    from foldonnx.passes.fold.pass_ import verify_reference
 
     ref = verify_reference(load_model(path).model)
     print(json.dumps({"inputs": ref.inputs, "outputs": ref.outputs, "shapes": ref.shapes}))
@@ -90,10 +90,10 @@ def _speed_child(path: str, ratio: float, reference_json: str) -> None:
     import onnxruntime  # noqa: F401
     import sklearn.cluster  # noqa: F401  (import cost is not part of the pass)
 
+    from foldonnx.analysis import find_channel_groups
+    from foldonnx.graph.verify import VerifyReference, verify_model, zero_feeds
     from foldonnx.onnx_file import load_model
-    from foldonnx.passes.analysis import find_channel_groups
     from foldonnx.passes.fold import FoldPass
-    from foldonnx.passes.fold.pass_ import VerifyReference, _zero_feeds, verify_model
 
     rss_imports = _vm_kib("VmRSS") * 1024
 
@@ -109,7 +109,7 @@ def _speed_child(path: str, ratio: float, reference_json: str) -> None:
     reference = VerifyReference(
         inputs=ref["inputs"],
         outputs=ref["outputs"],
-        feeds=_zero_feeds(loaded.model),
+        feeds=zero_feeds(loaded.model),
         shapes=[tuple(s) for s in ref["shapes"]],
     )
     t0, c0 = time.perf_counter(), cpu()
@@ -246,10 +246,10 @@ def _variant_kw(variant: str, calib) -> dict:
 def bench_fidelity(ratios=(0.1, 0.2, 0.3), variants=VARIANTS, models=("dinov2", "effnet")) -> dict:
     import onnx
 
-    from foldonnx.models.data import Preprocess, load_source
-    from foldonnx.passes.analysis import find_channel_groups
+    from foldonnx.analysis import find_channel_groups
+    from foldonnx.data.calibration import augmented_images
+    from foldonnx.data.sources import Preprocess, load_source
     from foldonnx.passes.fold import fold
-    from foldonnx.passes.fold.calibration import augmented_images
 
     rows = []
     images = load_source("imagenet20")
@@ -334,8 +334,8 @@ def bench_residual(ratios=(0.05, 0.1, 0.2)) -> dict:
     """DINOv2-S residual stream folded alone: LayerNorms weighted by n_c/n vs left as they are."""
     import onnx
 
-    from foldonnx.models.data import Preprocess, load_source
-    from foldonnx.passes.analysis import find_channel_groups
+    from foldonnx.analysis import find_channel_groups
+    from foldonnx.data.sources import Preprocess, load_source
     from foldonnx.passes.fold import fold
 
     m = onnx.load(dinov2_path())

@@ -227,8 +227,8 @@ def _fold_in_subprocess(
 
 def _macs(path: Path) -> int | None:
     try:
+        from foldonnx.graph.stats import count_macs
         from foldonnx.onnx_file import load_model
-        from foldonnx.passes.report import count_macs
     except ImportError:
         return None
     macs, unknown = count_macs(load_model(path).model)

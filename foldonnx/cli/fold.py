@@ -155,7 +155,7 @@ def _print_table(report, out_size: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from foldonnx.models.data import Preprocess
+    from foldonnx.data.sources import Preprocess
     from foldonnx.onnx_file import _same_file, load_model, save_model
     from foldonnx.passes.fold import FoldPass
 

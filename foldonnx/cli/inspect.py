@@ -41,9 +41,9 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
     from rich.text import Text
 
+    from foldonnx.analysis import count_parameters, find_channel_groups, summarize_groups
+    from foldonnx.analysis.channel_groups import groups_to_json
     from foldonnx.onnx_file import load_model
-    from foldonnx.passes.analysis import count_parameters, find_channel_groups, summarize_groups
-    from foldonnx.passes.channel_groups import groups_to_json
 
     loaded = load_model(args.model)
     t0 = time.perf_counter()

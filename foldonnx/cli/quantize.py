@@ -81,7 +81,7 @@ def _preprocess(args: argparse.Namespace) -> Any:
     mean, std = _floats3(args.mean, "--mean"), _floats3(args.std, "--std")
     if mean is None and std is None and args.image_size is None:
         return None  # the model's metadata or ImageNet defaults
-    from foldonnx.models.data import Preprocess
+    from foldonnx.data.sources import Preprocess
     from foldonnx.onnx_file import load_model
     from foldonnx.runtime.quantize import preprocess_for
 

@@ -30,11 +30,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from foldonnx.data.sources import Preprocess, load_source
 from foldonnx.errors import DataError, UsageError
 from foldonnx.evaluate import metrics as M
 from foldonnx.evaluate.probe import LinearProbe, ProbeResult, evaluate_probe, fit_probe, probe_features
 from foldonnx.evaluate.runner import ModelInputs, ModelSession, read_task
-from foldonnx.models.data import Preprocess, load_source
 
 __all__ = [
     "TASKS",

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from foldonnx.data.sources import IMAGENET_MEAN, IMAGENET_STD, ImageSet, Preprocess, TensorSet
 from foldonnx.errors import DataError, ModelFileError, RuntimeBackendError, UsageError
-from foldonnx.models.data import IMAGENET_MEAN, IMAGENET_STD, ImageSet, Preprocess, TensorSet
 
 __all__ = [
     "ModelInputs",

@@ -44,8 +44,8 @@ from urllib.parse import urlparse
 
 import onnx
 
+from foldonnx.data.sources import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from foldonnx.errors import ExportError
-from foldonnx.models.data import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 if TYPE_CHECKING:
     import torch

@@ -89,7 +89,7 @@ def _dims(vi: onnx.ValueInfoProto) -> list[int | None]:
 def preprocess_for(model: onnx.ModelProto) -> Any:
     """The preprocessing for ``model``: from its ``foldonnx.preprocess`` metadata when the
     registry can read it, else ImageNet mean/std at the model's input size (224 if dynamic)."""
-    from foldonnx.models.data import Preprocess
+    from foldonnx.data.sources import Preprocess
 
     try:
         from foldonnx.models.registry import read_preprocess  # written by the exporter module
@@ -119,7 +119,7 @@ def model_inputs_from_source(
 ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     """Real inputs for ``model`` from a data SOURCE (built-in name, image folder or .npz):
     ``({input name: [N, ...]}, labels or None)``."""
-    from foldonnx.models.data import ImageSet, load_source
+    from foldonnx.data.sources import ImageSet, load_source
 
     data = load_source(source, limit=limit, seed=seed)
     first = _image_input(model)

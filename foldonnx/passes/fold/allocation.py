@@ -36,11 +36,12 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from foldonnx.analysis.channel_groups import ChannelGroup, Role
 from foldonnx.errors import PassError
-from foldonnx.passes.channel_groups import ChannelGroup, Role
-from foldonnx.passes.fold import numerics as nx
+from foldonnx.graph.tensors import ModelTensors
+from foldonnx.numerics import merge as nx
 from foldonnx.passes.fold.plan import group_features, kept_channels
-from foldonnx.passes.fold.rewrite import ModelTensors, member_key
+from foldonnx.passes.fold.rewrite import member_key
 
 __all__ = ["allocate_ratios", "fan_out", "ParamLedger", "RATIO_GRID"]
 

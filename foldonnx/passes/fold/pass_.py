@@ -18,19 +18,15 @@ from typing import Any
 import numpy as np
 import onnx
 
+from foldonnx.analysis.channel_groups import ChannelGroup, GroupKind
 from foldonnx.errors import PassError, UsageError
+from foldonnx.graph.stats import ModelStats, mac_shapes, model_stats
+from foldonnx.graph.tensors import ModelTensors, clear_value_info
+from foldonnx.graph.verify import verify_model, verify_reference
+from foldonnx.numerics import merge as nx
 from foldonnx.onnx_file import LoadedModel, load_model
-from foldonnx.passes.channel_groups import ChannelGroup, GroupKind
-from foldonnx.passes.fold import numerics as nx
 from foldonnx.passes.fold.plan import METHODS, REPAIRS, GroupPlan, kept_channels, plan_group
-from foldonnx.passes.fold.rewrite import (
-    ModelTensors,
-    add_to_tensor,
-    clear_value_info,
-    weight_norms,
-    write_group,
-)
-from foldonnx.passes.report import ModelStats, mac_shapes, model_stats
+from foldonnx.passes.fold.rewrite import add_to_tensor, weight_norms, write_group
 
 __all__ = [
     "FoldPass",
@@ -272,7 +268,7 @@ class FoldPass:
         if self.channel_groups is not None:
             return list(self.channel_groups)
         try:
-            from foldonnx.passes.analysis import find_channel_groups
+            from foldonnx.analysis import find_channel_groups
         except ImportError as exc:
             raise PassError(f"channel-group analysis is not available: {exc}") from None
         return list(find_channel_groups(model))
@@ -345,9 +341,9 @@ class FoldPass:
         repair (:func:`~foldonnx.passes.fold.repair_data.repair_with_data`: consumer refit of
         MLP / heads groups, statistics matching of conv groups without BatchNorm members)
         calibrated on synthetic images made from random numbers only
-        (:func:`~foldonnx.passes.fold.calibration.synthetic_images`). Models whose input is not
+        (:func:`~foldonnx.data.calibration.synthetic_images`). Models whose input is not
         an image are left as folded, with a note. Returns the scale factors per group."""
-        from foldonnx.passes.fold.calibration import synthetic_images
+        from foldonnx.data.calibration import synthetic_images
         from foldonnx.passes.fold.repair_data import repair_with_data
 
         todo = [
@@ -549,133 +545,9 @@ def synthetic_count_for(count: int, size: int, base: int = 224) -> int:
 
 
 def model_stats_params(model: onnx.ModelProto) -> int:
-    from foldonnx.passes.report import count_params
+    from foldonnx.graph.stats import count_params
 
     return count_params(model)
-
-
-def _zero_feeds(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    inits = {t.name for t in model.graph.initializer}
-    feeds = {}
-    for inp in model.graph.input:
-        if inp.name in inits:
-            continue
-        tt = inp.type.tensor_type
-        shape = [d.dim_value if d.HasField("dim_value") else 1 for d in tt.shape.dim]
-        feeds[inp.name] = np.zeros(shape, dtype=onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
-    return feeds
-
-
-# Float initializers with at least this many scalars are fed as zero-filled inputs to the ORT
-# shape checks instead of being copied into ORT (see _shape_model).
-_ZERO_WEIGHT_MIN = 1024
-_FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
-
-
-def _shape_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    """The model for the ORT shape checks, without a copy of its weights.
-
-    Output shapes never depend on the *values* of float weights, so every large float
-    initializer becomes a graph input fed with ``np.zeros`` (untouched zero pages: no memory
-    until written, and ORT only reads them). Integer constants (Reshape targets, split sizes,
-    indices) and small float constants stay initializers. The model itself is not touched;
-    the skeleton copies the nodes and the small initializers only. Returns (skeleton, weight
-    feeds)."""
-    g = model.graph
-    skel = onnx.ModelProto()
-    skel.ir_version = model.ir_version
-    skel.opset_import.extend(model.opset_import)
-    skel.functions.extend(model.functions)
-    sg = skel.graph
-    sg.name = g.name
-    sg.node.extend(g.node)
-    sg.input.extend(g.input)
-    sg.output.extend(g.output)
-    sg.sparse_initializer.extend(g.sparse_initializer)
-    declared = {i.name for i in g.input}
-    weights: dict[str, np.ndarray] = {}
-    for t in g.initializer:
-        dims = [int(d) for d in t.dims]
-        if t.data_type in _FLOAT_TYPES and int(np.prod(dims, dtype=np.int64)) >= _ZERO_WEIGHT_MIN:
-            weights[t.name] = np.zeros(dims, dtype=onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
-            if t.name not in declared:
-                sg.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, dims))
-        else:
-            sg.initializer.append(t)
-    return skel, weights
-
-
-@dataclass
-class VerifyReference:
-    """What a folded model must keep: IO names, and the output shapes ORT gives on zeros."""
-
-    inputs: list[str]
-    outputs: list[str]
-    feeds: dict[str, np.ndarray]
-    shapes: list[tuple[int, ...]] | None
-
-
-def _run_shapes(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[tuple[int, ...]]:
-    """Output shapes ORT gives on *feeds* (the weights fed as zeros, see :func:`_shape_model`)."""
-    import onnxruntime as ort
-
-    skel, weights = _shape_model(model)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.add_session_config_entry("session.disable_prepacking", "1")
-    sess = ort.InferenceSession(skel.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return [tuple(o.shape) for o in sess.run(None, {**feeds, **weights})]
-
-
-def verify_reference(model: onnx.ModelProto) -> VerifyReference:
-    """Record the IO names and ORT output shapes of *model* (before folding it)."""
-    feeds = _zero_feeds(model)
-    shapes = None
-    try:
-        shapes = _run_shapes(model, feeds)
-    except Exception as exc:  # noqa: BLE001
-        logger.warning("the input model does not run in ONNX Runtime (%s); shapes not checked", exc)
-    return VerifyReference(
-        inputs=[i.name for i in model.graph.input],
-        outputs=[o.name for o in model.graph.output],
-        feeds=feeds,
-        shapes=shapes,
-    )
-
-
-def _check_model(model: onnx.ModelProto) -> None:
-    """onnx.checker on the weightless skeleton (nodes, types, opsets) plus every replaced
-    weight's data size checked on its own: never the whole model serialized at once."""
-    skel, weights = _shape_model(model)
-    onnx.checker.check_model(skel)
-    by_name = {t.name: t for t in model.graph.initializer if t.name in weights}
-    for name in weights:
-        onnx.checker.check_tensor(by_name[name])
-
-
-def verify_model(reference: onnx.ModelProto | VerifyReference, folded: onnx.ModelProto) -> None:
-    """onnx.checker, same IO names, ORT loads and runs, same output shapes as the original."""
-    if isinstance(reference, onnx.ModelProto):
-        reference = verify_reference(reference)
-    try:
-        _check_model(folded)
-    except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid"
-        raise PassError(f"folded model fails onnx.checker: {first}") from None
-    if reference.inputs != [i.name for i in folded.graph.input] or reference.outputs != [
-        o.name for o in folded.graph.output
-    ]:
-        raise PassError("folded model changed input/output names")
-    if reference.shapes is None:
-        logger.info("skipping the ORT check (the input model did not run)")
-        return
-    try:
-        shapes = _run_shapes(folded, reference.feeds)
-    except Exception as exc:  # noqa: BLE001
-        raise PassError(f"folded model does not run in ONNX Runtime: {str(exc).splitlines()[0]}") from None
-    if shapes != reference.shapes:
-        raise PassError(f"output shapes changed: {reference.shapes} -> {shapes}")
 
 
 def fold(
@@ -692,7 +564,7 @@ def fold(
 ) -> tuple[onnx.ModelProto, FoldReport]:
     """Fold a model (ModelProto or path); returns ``(folded_model, report)``.
 
-    ``calib`` is a data SOURCE string (see :func:`foldonnx.models.data.load_source`), an
+    ``calib`` is a data SOURCE string (see :func:`foldonnx.data.sources.load_source`), an
     ``ImageSet``/``TensorSet`` or an array of preprocessed inputs.
     """
     if isinstance(model_or_path, (str, os.PathLike, Path)):

@@ -44,10 +44,10 @@ from typing import Any
 import numpy as np
 import onnx
 
+from foldonnx.analysis.channel_groups import GroupKind, Role
 from foldonnx.errors import DataError, PassError
-from foldonnx.passes.channel_groups import GroupKind, Role
+from foldonnx.graph.tensors import ModelTensors
 from foldonnx.passes.fold.plan import GroupPlan
-from foldonnx.passes.fold.rewrite import ModelTensors
 
 __all__ = [
     "repair_with_data",
@@ -83,7 +83,7 @@ def calibration_inputs(
     model: onnx.ModelProto, calib: Any, limit: int, preprocess: Callable | None = None
 ) -> dict[str, np.ndarray]:
     """Calibration data as model feeds: a SOURCE string, ImageSet, TensorSet or array."""
-    from foldonnx.models.data import ImageSet, Preprocess, TensorSet, load_source
+    from foldonnx.data.sources import ImageSet, Preprocess, TensorSet, load_source
 
     inits = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in inits]
@@ -91,7 +91,7 @@ def calibration_inputs(
         raise DataError(f"data repair needs a model with one image input, this one has {len(inputs)}")
     inp = inputs[0]
     if isinstance(calib, str):
-        from foldonnx.passes.fold.calibration import (
+        from foldonnx.data.calibration import (
             augmented_images,
             parse_augmented,
             parse_synthetic,

@@ -3,7 +3,7 @@
 :func:`find_channel_groups` is a pure analysis (it never mutates the model). It propagates channel
 axes through the graph with one handler per op type (:mod:`.handlers`), ties them in a union-find
 over tensor axes with explicit split / merge relations (:mod:`.dims`), and turns each class of axes
-that carries weights into a :class:`~foldonnx.passes.channel_groups.ChannelGroup` with every
+that carries weights into a :class:`~foldonnx.analysis.channel_groups.ChannelGroup` with every
 member slice, size constant and normalisation involved — or the reason it cannot be folded.
 """
 
@@ -14,11 +14,11 @@ import time
 
 import onnx
 
+from foldonnx.analysis.build import build_groups
+from foldonnx.analysis.channel_groups import ChannelGroup, GroupKind
+from foldonnx.analysis.graph_view import GraphView
+from foldonnx.analysis.handlers import HANDLERS, AnalysisState, register_handler, run_handler
 from foldonnx.errors import AnalysisError
-from foldonnx.passes.analysis.build import build_groups
-from foldonnx.passes.analysis.graph_view import GraphView
-from foldonnx.passes.analysis.handlers import HANDLERS, AnalysisState, register_handler, run_handler
-from foldonnx.passes.channel_groups import ChannelGroup, GroupKind
 
 __all__ = [
     "find_channel_groups",

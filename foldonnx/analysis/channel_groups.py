@@ -2,7 +2,7 @@
 
 A :class:`ChannelGroup` is a set of (tensor, axis) members whose channels must be merged or
 removed together for the graph to stay correct. It is frozen, printable data produced by the
-analysis (:func:`foldonnx.passes.analysis.find_channel_groups`) and consumed by passes
+analysis (:func:`foldonnx.analysis.find_channel_groups`) and consumed by passes
 (fold, prune, later low-rank / block approximation).
 
 Channel indexing. A group has ``channels`` units of ``unit`` scalars each (unit = 1 for a

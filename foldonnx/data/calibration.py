@@ -15,8 +15,8 @@ import logging
 
 import numpy as np
 
+from foldonnx.data.sources import ImageSet, load_source
 from foldonnx.errors import DataError
-from foldonnx.models.data import ImageSet, load_source
 
 __all__ = [
     "augmented_images",

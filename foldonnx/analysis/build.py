@@ -1,4 +1,4 @@
-"""Turn solved axis classes into :class:`~foldonnx.passes.channel_groups.ChannelGroup` objects."""
+"""Turn solved axis classes into :class:`~foldonnx.analysis.channel_groups.ChannelGroup` objects."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import math
 from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
 
-from foldonnx.passes.analysis.dims import Atom, Expansion
-from foldonnx.passes.analysis.handlers import AnalysisState
-from foldonnx.passes.channel_groups import ChannelGroup, DimRef, GroupKind, Member, NormRef, Role
+from foldonnx.analysis.channel_groups import ChannelGroup, DimRef, GroupKind, Member, NormRef, Role
+from foldonnx.analysis.dims import Atom, Expansion
+from foldonnx.analysis.handlers import AnalysisState
 
 __all__ = ["build_groups"]
 

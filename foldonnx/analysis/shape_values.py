@@ -2,7 +2,7 @@
 
 ``Shape -> Gather -> Unsqueeze -> Concat -> Reshape`` chains (as the TorchScript exporter and
 DINOv2-style exports emit) are evaluated entry by entry: each entry is a literal integer stored in
-a constant (so a fold pass can rewrite it: a :class:`~foldonnx.passes.channel_groups.DimRef`),
+a constant (so a fold pass can rewrite it: a :class:`~foldonnx.analysis.channel_groups.DimRef`),
 the run-time size of some tensor axis (which follows a fold by itself), or something computed
 that the analysis cannot follow.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from foldonnx.passes.analysis.graph_view import GraphView
+from foldonnx.analysis.graph_view import GraphView
 
 __all__ = ["Entry", "ShapeValues"]
 

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from foldonnx.passes.analysis.dims import DimSolver, align_sizes
-from foldonnx.passes.analysis.graph_view import GraphView
-from foldonnx.passes.analysis.shape_values import ShapeValues
-from foldonnx.passes.channel_groups import NormRef, Role
+from foldonnx.analysis.channel_groups import NormRef, Role
+from foldonnx.analysis.dims import DimSolver, align_sizes
+from foldonnx.analysis.graph_view import GraphView
+from foldonnx.analysis.shape_values import ShapeValues
 
 __all__ = ["HANDLERS", "register_handler", "NodeContext", "AnalysisState", "RoleDecl", "SizeConst"]
 
