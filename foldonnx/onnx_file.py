@@ -1,11 +1,15 @@
-"""The one place where ONNX files are read and written.
+"""The one place where ONNX files are read and every output file is written.
 
 * Reading: checks the file exists and parses, loads external data, and remembers how the
   weights were laid out (single file or external data) so a rewrite can keep that layout.
-* Writing: never over the input file, atomically (write to a temporary file in the target
-  folder, then rename), with external data automatically when the model is over 2 GB or the
-  source used external data; node metadata survives because we write the ``ModelProto`` we
+* Writing models: never over the input file, atomically (write to a temporary file in the
+  target folder, then rename), with external data automatically when the model is over 2 GB or
+  the source used external data; node metadata survives because we write the ``ModelProto`` we
   were given, not a graphsurgeon round trip.
+* :class:`OutputGuard`: a command claims every file it will write (model, ``--json``,
+  reports, plots, folders) *before* any work starts; a claim is refused when the path is an
+  input model or one of its external data files, another output of the same run, a folder, or
+  in a missing or read-only folder. Text outputs are written atomically too.
 """
 
 from __future__ import annotations
@@ -27,6 +31,10 @@ __all__ = [
     "load_model",
     "save_model",
     "model_byte_size",
+    "external_data_files",
+    "OutputGuard",
+    "check_output_path",
+    "write_text_atomic",
     "TWO_GB",
 ]
 
@@ -207,4 +215,112 @@ def save_model(
         with contextlib.suppress(OSError):
             tmpdir.rmdir()
     logger.info("wrote %s (%.1f MB%s)", out, size / 1e6, ", external data" if external_data else "")
+    return out
+
+
+def external_data_files(path: str | os.PathLike) -> list[Path]:
+    """The external data files an ONNX file refers to (empty for a single-file model or a file
+    that cannot be read)."""
+    p = Path(path)
+    try:
+        shallow = onnx.load(str(p), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not readable: it refers to nothing we know of
+        return []
+    out: list[Path] = []
+    for init in shallow.graph.initializer:
+        for entry in init.external_data:
+            if entry.key == "location" and (p.parent / entry.value) not in out:
+                out.append(p.parent / entry.value)
+    return out
+
+
+class OutputGuard:
+    """The files one run will write, checked before any work starts (see module docstring).
+
+    ``inputs``: the model files the run reads (their external data files are protected too).
+    :meth:`claim` a path for every output; :meth:`save_model` / :meth:`write_text` write only
+    claimed paths."""
+
+    def __init__(self, inputs: list[str | os.PathLike] | tuple = ()) -> None:
+        self.protected: list[tuple[Path, str]] = []
+        for inp in inputs:
+            p = Path(inp)
+            self.protected.append((p, "the input file"))
+            for data in external_data_files(p) if p.is_file() else []:
+                self.protected.append((data, f"the external data of the input {p.name}"))
+        self.claimed: dict[Path, str] = {}
+
+    def claim(self, path: str | os.PathLike, what: str = "output", *, folder: bool = False) -> Path:
+        """Check *path* for *what* (``--json``, ``model``…); returns it. ``folder=True``: an
+        output folder (created if missing, refused if it is a file)."""
+        out = Path(path)
+        if str(path) in ("", "."):
+            raise ModelFileError(f"{what}: no path given")
+        for prot, desc in self.protected:
+            if _same_file(prot, out):
+                raise ModelFileError(f"{what} path is {desc}: {out} (choose another path)")
+        for other, other_what in self.claimed.items():
+            if _same_file(other, out):
+                raise ModelFileError(f"{what} path is also the {other_what} of this run: {out}")
+        if folder:
+            if out.exists() and not out.is_dir():
+                raise ModelFileError(f"{what} {out} exists and is not a folder")
+            parent = out.parent if str(out.parent) else Path(".")
+            if not out.exists() and not parent.exists():
+                raise ModelFileError(f"{what}: the folder {parent} does not exist")
+        else:
+            if out.is_dir():
+                raise ModelFileError(f"{what} path {out} is a folder, not a file")
+            parent = out.parent if str(out.parent) else Path(".")
+            if not parent.exists():
+                raise ModelFileError(f"{what}: output folder does not exist: {parent}")
+            if not parent.is_dir():
+                raise ModelFileError(f"{what}: {parent} is not a folder")
+            if not os.access(parent, os.W_OK):
+                raise ModelFileError(f"{what}: output folder is not writable: {parent}")
+        self.claimed[out] = what
+        return out
+
+    def _check_claimed(self, path: Path) -> None:
+        if not any(_same_file(c, path) or c == path for c in self.claimed):
+            raise ModelFileError(f"internal: {path} was not claimed before writing")
+
+    def write_text(self, path: str | os.PathLike, text: str) -> Path:
+        out = Path(path)
+        self._check_claimed(out)
+        return write_text_atomic(out, text)
+
+    def save_model(self, model: onnx.ModelProto, path: str | os.PathLike, **kwargs: object) -> Path:
+        out = Path(path)
+        self._check_claimed(out)
+        return save_model(model, out, **kwargs)  # type: ignore[arg-type]
+
+
+def check_output_path(path: str | os.PathLike, *, inputs: list | tuple = (), what: str = "output") -> Path:
+    """:meth:`OutputGuard.claim` for a single output of a run reading *inputs*."""
+    return OutputGuard(inputs).claim(path, what)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write *text* to *path* through a temporary file in the same folder and a rename, so a
+    crash never leaves a half-written file."""
+    out = Path(path)
+    parent = out.parent if str(out.parent) else Path(".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".foldonnx-", suffix=".tmp", dir=parent)
+    except OSError as exc:
+        raise ModelFileError(f"cannot write {out}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, out)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise ModelFileError(f"cannot write {out}: {exc.strerror or exc}") from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return out

@@ -11,14 +11,13 @@ import pytest
 from onnx import helper, numpy_helper
 
 import foldonnx.cli
-from foldonnx.data.sources import Preprocess
+from foldonnx.data.sources import Preprocess, resolve_preprocess
 from foldonnx.errors import DataError
 from foldonnx.evaluate import (
     Evaluator,
     ModelInputs,
     ProbeData,
     load_probe_data,
-    resolve_preprocess,
     run_model,
 )
 
@@ -240,19 +239,6 @@ def test_reference_cache_is_used_and_keyed_on_inputs(models: dict[str, Path], tm
     other = ModelInputs({"x": x[:6]}, None, "c")  # different inputs: recomputed, cache rewritten
     miss = Evaluator(models["ref"], other, cache=cache, progress=False)
     np.testing.assert_allclose(miss.reference_out, first.reference_out[:6], rtol=1e-6)
-
-
-def test_interleaved_latency_fallback(models: dict[str, Path]) -> None:
-    from foldonnx.errors import UsageError
-    from foldonnx.evaluate import interleaved_latency
-
-    x = np.zeros((1, 3, 4, 4), np.float32)
-    res = interleaved_latency([models["ref"], models["batch1"]], ModelInputs({"x": x}, None, "z"), iters=5)
-    assert [r.name for r in res] == ["ref.onnx", "batch1.onnx"]
-    assert res[0].ratio == 1.0 and all(r.median_ms > 0 and r.iters == 5 for r in res)
-    assert res[1].ratio == pytest.approx(res[1].median_ms / res[0].median_ms)
-    with pytest.raises(UsageError):
-        interleaved_latency([models["ref"]], ModelInputs({"x": x}, None, "z"), iters=0)
 
 
 def _saliency(w: np.ndarray) -> onnx.ModelProto:

@@ -17,9 +17,11 @@ from foldonnx.exporter.parity import ParityResult, ort_session
 
 torch = pytest.importorskip("torch")
 
+from foldonnx.data.sources import read_preprocess  # noqa: E402
 from foldonnx.exporter import export_model, to_torch_export  # noqa: E402
+from foldonnx.graph.metadata import read_metadata  # noqa: E402
 from foldonnx.models import registry  # noqa: E402
-from foldonnx.models.registry import ModelSpec, read_metadata, read_preprocess  # noqa: E402
+from foldonnx.models.registry import ModelSpec  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # parity numerics (pure numpy)

@@ -479,13 +479,13 @@ def test_fold_pass_class_and_report_json_round_trip(rng):
     from foldonnx.passes.fold import FoldReport
 
     _, doubled = _mlp_pair(rng)
-    res = FoldPass(0.25, channel_groups=[make_mlp_group(16)], round_to=1).run(doubled)
+    res = FoldPass(ratio=0.25, channel_groups=[make_mlp_group(16)], round_to=1).run(doubled)
     again = FoldReport.from_json(res.report.to_json())
     assert again == res.report
     assert res.report.groups[0].channels_after == 12
     assert res.report.before.macs > res.report.after.macs > 0
     # at the default rounding (multiples of 8), 16 * 0.75 = 12 stays 16: skipped, with the reason
-    res = FoldPass(0.25, channel_groups=[make_mlp_group(16)]).run(doubled)
+    res = FoldPass(ratio=0.25, channel_groups=[make_mlp_group(16)]).run(doubled)
     assert not res.report.groups and "multiple of 8" in res.report.skipped[0].reason
 
 

@@ -10,14 +10,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from foldonnx.analysis.channel_groups import ChannelGroup, GroupKind, Member, Role
+from foldonnx.numerics.lsq import LsqStats, bias_correction, choose_refit, lsq_error, ridge_refit
 from foldonnx.passes.fold import fold
-from foldonnx.passes.fold.repair_data import (
-    LsqStats,
-    bias_correction,
-    choose_refit,
-    lsq_error,
-    ridge_refit,
-)
 
 D, H, T = 6, 8, 5
 
@@ -228,13 +222,13 @@ def test_augmented_calibration_set_is_seeded_and_sized():
 
 
 @pytest.mark.parametrize("source", ["augmented:6", "synthetic:5"])
-def test_calibration_inputs_accepts_the_generated_sources(source):
-    from foldonnx.passes.fold.repair_data import calibration_inputs
+def test_calibration_feeds_accept_the_generated_sources(source):
+    from foldonnx.data.calibration import calibration_feeds
 
     vi = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 3, 32, 32]) for n in ("img", "out")]
     graph = helper.make_graph([helper.make_node("Identity", ["img"], ["out"])], "g", vi[:1], vi[1:])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    feeds = calibration_inputs(model, source, limit=4)
+    feeds = calibration_feeds(model, source, limit=4)
     assert list(feeds) == ["img"] and feeds["img"].shape == (4, 3, 32, 32)
     assert feeds["img"].dtype == np.float32 and np.isfinite(feeds["img"]).all()
 
@@ -320,16 +314,18 @@ def test_repair_ar_on_a_model_without_image_input_is_the_plain_fold_with_a_note(
     assert any("input is not an image" in n for n in report.notes)
 
 
-def test_fold_ar_joins_the_method_registry(rng):
-    from foldonnx.passes.registry import apply_method
+def test_fold_ar_joins_the_pass_registry(rng):
+    from foldonnx.passes.registry import make_pass
 
     blocks = _random_blocks(rng)
     model = _image_two_block_model(blocks)
     for name, method in (("fold-ar", "fold"), ("prune-l1-ar", "prune-l1")):
-        folded, report = apply_method(name, model, 0.5, channel_groups=_groups(2, H), synthetic_count=8)
-        assert report["method"] == method and report["repair"] == "ar"
+        p = make_pass(name, {"ratio": 0.5, "synthetic_count": 8}, channel_groups=_groups(2, H))
+        res = p.run(model)
+        report = res.report.to_dict()
+        assert report["name"] == name and report["method"] == method and report["repair"] == "ar"
         assert any(n.startswith("ar (synthetic:8)") for n in report["notes"])
-        assert _init(folded, "l1_w2").shape == (H // 2, D)
+        assert _init(res.model, "l1_w2").shape == (H // 2, D)
 
 
 def _conv_relu_conv(w1: np.ndarray, b1: np.ndarray, w2: np.ndarray) -> onnx.ModelProto:
@@ -381,23 +377,27 @@ def test_repair_ar_matches_statistics_of_conv_groups_without_batchnorm(rng):
 def test_repair_normalises_calibration_images_as_the_file_records(rng):
     """Synthetic (and --calib) images are normalised like the model's own inputs: the mean/std
     `fold-onnx export` wrote into the file (EfficientNet: [-1, 1]), else ImageNet's."""
-    from foldonnx.models.registry import write_metadata
+    from foldonnx.graph.metadata import write_metadata
+    from foldonnx.passes.base import PassContext
     from foldonnx.passes.fold import FoldPass
 
     model = _conv_relu_conv(rng.normal(size=(8, 3, 3, 3)), rng.normal(size=8), rng.normal(size=(4, 8, 1, 1)))
-    assert FoldPass(0.5)._preprocess(model) is None  # nothing recorded: ImageNet mean/std downstream
+    ctx = PassContext()
+    assert (
+        FoldPass(ratio=0.5).preprocess(model, ctx) is None
+    )  # nothing recorded: ImageNet mean/std downstream
     write_metadata(
         model,
         {"foldonnx.image_size": "8", "foldonnx.mean": "[0.5, 0.5, 0.5]", "foldonnx.std": "[0.5, 0.5, 0.5]"},
     )
-    pre = FoldPass(0.5)._preprocess(model)
+    pre = FoldPass(ratio=0.5).preprocess(model, ctx)
     assert pre.size == 8 and pre.mean == (0.5, 0.5, 0.5) and pre.std == (0.5, 0.5, 0.5)
     given = object()
-    assert FoldPass(0.5, calib_preprocess=given)._preprocess(model) is given
+    assert FoldPass(ratio=0.5).preprocess(model, PassContext(preprocess=given)) is given
 
 
 def test_synthetic_calibration_shrinks_with_the_input_size():
-    from foldonnx.passes.fold.pass_ import synthetic_count_for
+    from foldonnx.passes.fold.fold_pass import synthetic_count_for
 
     assert synthetic_count_for(64, 224) == 64 and synthetic_count_for(64, 32) == 64
     assert synthetic_count_for(64, 448) == 16  # same pixels: a quarter of the images

@@ -10,16 +10,11 @@ import numpy as np
 import onnx
 import pytest
 
-from foldonnx.data.sources import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from foldonnx.data.sources import IMAGENET_MEAN, IMAGENET_STD, Preprocess, read_preprocess
 from foldonnx.errors import ExportError
+from foldonnx.graph.metadata import read_metadata, write_metadata
 from foldonnx.models import assets, registry
-from foldonnx.models.registry import (
-    get_model_spec,
-    list_models,
-    read_metadata,
-    read_preprocess,
-    write_metadata,
-)
+from foldonnx.models.registry import get_model_spec, list_models
 
 BUILTIN = [
     "dinov2_s",

@@ -19,8 +19,10 @@ import pytest
 
 from foldonnx.cli import main
 from foldonnx.errors import ModelFileError, UsageError
-from foldonnx.runtime import QuantizeResult, cosine_rows, fidelity, load_json, quantize
-from foldonnx.runtime.quantize import _activation_matmuls, _shape_arithmetic_nodes
+from foldonnx.evaluate.fidelity import cosine_rows, fidelity
+from foldonnx.passes.quantize import _activation_matmuls, _shape_arithmetic_nodes
+from foldonnx.passes.quantize import quantize_file as quantize
+from foldonnx.runtime import QuantizeResult, load_json
 
 
 def tiny_classifier(size: int = 32, classes: int = 1000, seed: int = 0) -> onnx.ModelProto:
@@ -131,7 +133,7 @@ def test_shape_arithmetic_nodes_stay_fp32() -> None:
 
 def test_preprocess_from_metadata_else_imagenet_at_input_size() -> None:
     from foldonnx.data.sources import IMAGENET_MEAN, IMAGENET_STD
-    from foldonnx.runtime.quantize import preprocess_for
+    from foldonnx.data.sources import resolve_preprocess as preprocess_for
 
     model = tiny_classifier(size=48)
     pre = preprocess_for(model)
@@ -178,7 +180,7 @@ def test_static_qdq_calibrated_on_real_images(tiny_path: Path, tmp_path: Path) -
 
 def test_static_exclude_keeps_op_in_float(tiny_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "static_noconv.onnx"
-    r = quantize(tiny_path, out, mode="static", limit=4, exclude_ops=["Conv"], check_source=None)
+    r = quantize(tiny_path, out, mode="static", limit=4, exclude=["Conv"], check_source=None)
     assert "Conv" in r.excluded_ops and "Conv" not in r.op_types and r.fidelity is None
     model = onnx.load(str(out))
     producers = {o: n.op_type for n in model.graph.node for o in n.output}

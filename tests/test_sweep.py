@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +13,11 @@ from onnx import helper, numpy_helper
 
 import foldonnx.cli
 from foldonnx.errors import PassError, UsageError
-from foldonnx.evaluate.stats import model_stats
 from foldonnx.evaluate.sweep import SweepReport
-from foldonnx.passes.registry import apply_method, get_method, list_methods, register_method
+from foldonnx.graph.stats import model_stats
+from foldonnx.passes.base import Pass, PassContext, PassReport
+from foldonnx.passes.config import PassConfig, option
+from foldonnx.passes.registry import get_pass, list_passes, make_pass, register_pass
 
 H, FEAT, C = 32, 48, 10
 
@@ -54,30 +57,51 @@ def _weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
 
 
-@register_method("toy-prune", "test: keep the hidden units of largest L1 norm", replace=True)
-def _toy_prune(
-    model: onnx.ModelProto, ratio: float, *, seed: int = 0, **_: object
-) -> tuple[onnx.ModelProto, dict]:
+def _toy_prune(model: onnx.ModelProto, ratio: float) -> tuple[onnx.ModelProto, int]:
     w = _weights(model)
     k = int(round(H * (1 - ratio)))
     keep = np.sort(np.argsort(-np.abs(w["W1"]).sum(axis=1))[:k])
-    return mlp(w["W1"][keep], w["B1"][keep], w["W2"][:, keep], w["B2"]), {"kept": int(k), "groups": [1]}
+    return mlp(w["W1"][keep], w["B1"][keep], w["W2"][:, keep], w["B2"]), k
 
 
-@register_method("toy-identity", "test: returns the model unchanged", replace=True)
-def _identity(
-    model: onnx.ModelProto, ratio: float, *, seed: int = 0, **_: object
-) -> tuple[onnx.ModelProto, dict]:
-    return model, {}
+@dataclass(frozen=True)
+class ToyConfig(PassConfig):
+    ratio: float = option(0.0, "fraction of the hidden units removed")
 
 
-@register_method("toy-fails", "test: refuses ratios above 0.3", replace=True)
-def _fails(
-    model: onnx.ModelProto, ratio: float, *, seed: int = 0, **_: object
-) -> tuple[onnx.ModelProto, dict]:
-    if ratio > 0.3:
-        raise PassError(f"cannot remove {ratio:.0%} of the channels")
-    return model, {}
+class ToyPrunePass(Pass):
+    name = "toy-prune"
+    summary = "test: keep the hidden units of largest L1 norm"
+    Config = ToyConfig
+    budget = {"channels": "ratio", "params": "ratio"}
+
+    def apply(self, model: onnx.ModelProto, ctx: PassContext) -> tuple[onnx.ModelProto, PassReport]:
+        new, k = _toy_prune(model, self.config.ratio)
+        return new, self.new_report(notes=[f"kept {k}"])
+
+
+class ToyIdentityPass(ToyPrunePass):
+    name = "toy-identity"
+    summary = "test: returns a copy of the model"
+
+    def apply(self, model: onnx.ModelProto, ctx: PassContext) -> tuple[onnx.ModelProto, PassReport]:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        return out, self.new_report()
+
+
+class ToyFailsPass(ToyIdentityPass):
+    name = "toy-fails"
+    summary = "test: refuses ratios above 0.3"
+
+    def apply(self, model: onnx.ModelProto, ctx: PassContext) -> tuple[onnx.ModelProto, PassReport]:
+        if self.config.ratio > 0.3:
+            raise PassError(f"cannot remove {self.config.ratio:.0%} of the channels")
+        return super().apply(model, ctx)
+
+
+for _cls in (ToyPrunePass, ToyIdentityPass, ToyFailsPass):
+    register_pass(_cls, replace=True)
 
 
 @pytest.fixture(scope="module")
@@ -94,14 +118,12 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def test_registry_lists_builtins_and_rejects_unknown() -> None:
-    assert {"fold", "prune-l1", "prune-l2", "toy-prune"} <= set(list_methods())
-    assert get_method("toy-prune").description.startswith("test: keep")
-    from foldonnx.errors import UsageError
-
-    with pytest.raises(UsageError, match="unknown compression method 'nope'"):
-        get_method("nope")
+    assert {"fold", "prune-l1", "prune-l2", "quantize", "toy-prune"} <= set(list_passes())
+    assert get_pass("toy-prune").summary.startswith("test: keep")
+    with pytest.raises(UsageError, match="unknown pass 'nope'"):
+        get_pass("nope")
     with pytest.raises(ValueError):
-        register_method("toy-prune")(_toy_prune)
+        register_pass(ToyPrunePass)
 
 
 def test_stats_count_params_and_macs() -> None:
@@ -109,10 +131,10 @@ def test_stats_count_params_and_macs() -> None:
     m = mlp(rng.normal(size=(H, FEAT)), np.zeros(H), rng.normal(size=(C, H)), np.zeros(C))
     st = model_stats(m)
     assert st.params == H * FEAT + H + C * H + C
-    assert st.macs == FEAT * H + H * C and st.unknown_nodes == 0
-    pruned, rep = apply_method("toy-prune", m, 0.25)
-    assert rep == {"kept": 24, "groups": [1]}
-    assert model_stats(pruned).params == 24 * FEAT + 24 + C * 24 + C
+    assert st.macs == FEAT * H + H * C and st.unknown_mac_nodes == 0
+    res = make_pass("toy-prune", {"ratio": 0.25}).run(m)
+    assert res.report.notes == ["kept 24"] and res.report.after.params == 24 * FEAT + 24 + C * 24 + C
+    assert model_stats(res.model).params == 24 * FEAT + 24 + C * 24 + C
 
 
 def test_sweep_writes_table_json_and_png(setup: dict[str, Path]) -> None:
@@ -139,7 +161,10 @@ def test_sweep_writes_table_json_and_png(setup: dict[str, Path]) -> None:
     assert by["toy-prune-r0.25"].params == 24 * FEAT + 24 + C * 24 + C
     assert by["toy-prune-r0.5"].macs == FEAT * 16 + 16 * C
     assert by["toy-prune-r0.5"].file_size < orig.file_size
-    assert by["toy-prune-r0.5"].method_report == {"kept": 16, "groups": 1}
+    mr = by["toy-prune-r0.5"].method_report
+    assert mr["name"] == "toy-prune" and mr["params_removed"] == pytest.approx(
+        1 - by["toy-prune-r0.5"].params / orig.params
+    )
     # the unchanged model is a perfect copy; the original scores itself perfectly
     for n in ("original", "toy-identity-r0.5"):
         assert by[n].metrics["top1_agreement"] == 1.0 and by[n].metrics["kl_div"] == pytest.approx(
@@ -177,7 +202,8 @@ def test_sweep_records_failed_points_and_quantizes(setup: dict[str, Path]) -> No
     assert by["toy-fails-r0.4+int8"].error == by["toy-fails-r0.4"].error
     q = by["original+int8"]
     assert q.ok and Path(q.path).is_file() and q.file_size < by["original"].file_size
-    assert q.params == by["original"].params  # int8 weights are still parameters
+    # int8 weights are still parameters; the scale and zero point the quantizer adds per weight count too
+    assert q.params == by["original"].params + 4
     assert q.metrics == {} and q.latency_ms is None  # no data, no bench asked
     assert "failed: cannot remove 40% of the channels" in (out / "sweep.md").read_text()
 
@@ -185,7 +211,7 @@ def test_sweep_records_failed_points_and_quantizes(setup: dict[str, Path]) -> No
 def test_sweep_bad_input_one_line(setup: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
     rc = main(["sweep", str(setup["model"]), "--methods", "nope", "--out", str(setup["dir"] / "x")])
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and err.startswith("error: unknown compression method 'nope'") and "\n" not in err
+    assert rc == 2 and err.startswith("error: unknown pass 'nope'") and "\n" not in err
     rc = main(["sweep", str(setup["model"]), "--ratios", "0.5,1.2", "--methods", "toy-identity"])
     assert rc == 2 and "ratios must be in (0, 1)" in capsys.readouterr().err
     rc = main(["sweep", str(setup["dir"] / "missing.onnx"), "--methods", "toy-identity"])
@@ -197,21 +223,26 @@ def test_compress_variants_reuses_earlier_files(setup: dict[str, Path]) -> None:
 
     calls: list[float] = []
 
-    @register_method("toy-counted", "test: counts its calls", replace=True)
-    def _counted(model: onnx.ModelProto, ratio: float, *, seed: int = 0, **_: object) -> tuple:
-        calls.append(ratio)
-        return _toy_prune(model, ratio)
+    class Counted(ToyPrunePass):
+        name = "toy-counted"
+
+        def apply(self, model: onnx.ModelProto, ctx: PassContext) -> tuple[onnx.ModelProto, PassReport]:
+            calls.append(self.config.ratio)
+            return super().apply(model, ctx)
+
+    register_pass(Counted, replace=True)
 
     out = setup["dir"] / "reuse"
     kw = dict(ratios=[0.25], methods=["toy-counted"], out_dir=out, reuse=True)
     first = compress_variants(setup["model"], **kw)
     second = compress_variants(setup["model"], **kw)
     assert calls == [0.25]  # the second run took the file written by the first
-    assert second[1].path == first[1].path and second[1].method_report == {"kept": 24, "groups": 1}
+    assert second[1].path == first[1].path and second[1].method_report == first[1].method_report
+    assert first[1].method_report["name"] == "toy-counted"
 
 
 def test_macs_fall_back_to_onnx_runtime_when_inference_cannot_tell() -> None:
-    from foldonnx.evaluate.stats import _batch1_copy, _concrete
+    from foldonnx.graph.stats import _partial_dims, _skeleton
 
     nodes = [  # a reshape target computed through float ops: data propagation gives up
         helper.make_node("Shape", ["x"], ["s"]),
@@ -228,11 +259,11 @@ def test_macs_fall_back_to_onnx_runtime_when_inference_cannot_tell() -> None:
         [numpy_helper.from_array(np.ones((16, 8), np.float32), "W")],
     )  # fmt: skip
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    inferred = onnx.shape_inference.infer_shapes(_batch1_copy(m), data_prop=True)
+    inferred = onnx.shape_inference.infer_shapes(_skeleton(m), data_prop=True)
     y = next(v for v in inferred.graph.value_info if v.name == "y")
-    assert _concrete(y) is None  # the case the fallback exists for
+    assert None in _partial_dims(y)  # the case the fallback exists for
     st = model_stats(m)
-    assert (st.macs, st.unknown_nodes, st.params) == (16 * 8, 0, 16 * 8)
+    assert (st.macs, st.unknown_mac_nodes, st.params) == (16 * 8, 0, 16 * 8)
 
 
 def test_make_results_summary_redraws_from_json(tmp_path: Path) -> None:

@@ -121,7 +121,8 @@ def export(name: str, cache: Path) -> tuple[Path, float]:
 def measure(name: str, cache: Path, repeat: int) -> dict[str, Any]:
     import onnx
 
-    from foldonnx.analysis import count_parameters, find_channel_groups, summarize_groups
+    from foldonnx.analysis import find_channel_groups, summarize_groups
+    from foldonnx.graph.stats import count_params
     from foldonnx.onnx_file import load_model
 
     spec = MODELS[name]
@@ -134,7 +135,7 @@ def measure(name: str, cache: Path, repeat: int) -> dict[str, Any]:
     model: onnx.ModelProto = loaded.model
     row["nodes"] = len(model.graph.node)
     row["initializers"] = len(model.graph.initializer)
-    row["params"] = count_parameters(model)
+    row["params"] = count_params(model)
     row["file_bytes"] = loaded.file_size
     times = []
     groups = []

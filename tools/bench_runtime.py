@@ -104,17 +104,10 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _fold_function() -> Any:
-    """``foldonnx.fold`` (the public API), else the pass module's ``fold``; None when neither exists."""
+    """``foldonnx.fold``, the public API."""
     import foldonnx
 
-    fn = getattr(foldonnx, "fold", None)
-    if fn is not None:
-        return fn
-    try:
-        from foldonnx.passes.fold import fold
-    except ImportError:
-        return None
-    return fold
+    return foldonnx.fold
 
 
 def _environment(args: argparse.Namespace) -> dict[str, Any]:
@@ -236,7 +229,9 @@ def _macs(path: Path) -> int | None:
 
 
 def run_case(case: Case, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    from foldonnx.runtime import bench, fidelity, quantize
+    from foldonnx.evaluate.fidelity import fidelity
+    from foldonnx.passes.quantize import quantize_file as quantize
+    from foldonnx.runtime import bench
 
     d = work / case.key
     d.mkdir(parents=True, exist_ok=True)
@@ -263,8 +258,6 @@ def run_case(case: Case, args: argparse.Namespace, work: Path) -> dict[str, Any]
     folded = d / f"folded_r{args.ratio:g}.onnx"
     if args.no_fold:
         rec["fold"] = {"status": "missing", "reason": "not run (--no-fold)"}
-    elif _fold_function() is None:
-        rec["fold"] = {"status": "missing", "reason": "foldonnx.fold is not available in this checkout"}
     else:
         rec["fold"] = _fold_in_subprocess(original, folded, args.ratio, args.fold_timeout)
         if rec["fold"]["status"] == "ok":

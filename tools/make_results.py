@@ -51,10 +51,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from foldonnx.data.sources import load_source  # noqa: E402
+from foldonnx.data.sources import load_source, resolve_preprocess  # noqa: E402
 from foldonnx.evaluate.evaluation import Evaluator, load_probe_data  # noqa: E402
 from foldonnx.evaluate.plot import plot_pareto  # noqa: E402
-from foldonnx.evaluate.runner import prepare_inputs, resolve_preprocess  # noqa: E402
+from foldonnx.evaluate.runner import prepare_inputs  # noqa: E402
 from foldonnx.evaluate.sweep import (  # noqa: E402
     SweepReport,
     compress_variants,

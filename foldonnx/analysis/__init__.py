@@ -19,13 +19,13 @@ from foldonnx.analysis.channel_groups import ChannelGroup, GroupKind
 from foldonnx.analysis.graph_view import GraphView
 from foldonnx.analysis.handlers import HANDLERS, AnalysisState, register_handler, run_handler
 from foldonnx.errors import AnalysisError
+from foldonnx.graph.stats import count_params
 
 __all__ = [
     "find_channel_groups",
     "register_handler",
     "HANDLERS",
     "summarize_groups",
-    "count_parameters",
 ]
 
 logger = logging.getLogger(__name__)
@@ -54,26 +54,6 @@ def find_channel_groups(model: onnx.ModelProto) -> list[ChannelGroup]:
     return groups
 
 
-def count_parameters(model: onnx.ModelProto) -> int:
-    """Scalars in all floating-point initializers (and Constant tensors of more than 1 element)."""
-    total = 0
-    for init in model.graph.initializer:
-        if init.data_type in _FLOAT_TYPES:
-            n = 1
-            for d in init.dims:
-                n *= d
-            total += n
-    return total
-
-
-_FLOAT_TYPES = {
-    onnx.TensorProto.FLOAT,
-    onnx.TensorProto.FLOAT16,
-    onnx.TensorProto.BFLOAT16,
-    onnx.TensorProto.DOUBLE,
-}
-
-
 def summarize_groups(groups: list[ChannelGroup], model: onnx.ModelProto) -> dict[str, object]:
     """Totals for reports.
 
@@ -87,7 +67,7 @@ def summarize_groups(groups: list[ChannelGroup], model: onnx.ModelProto) -> dict
         for d in init.dims:
             n *= d
         sizes[init.name] = n
-    total = count_parameters(model)
+    total = count_params(model)
     by_kind: dict[str, dict[str, int]] = {}
     touched: set[str] = set()
     touched_nores: set[str] = set()

@@ -12,8 +12,9 @@ import argparse
 import importlib
 import logging
 import sys
+import typing
 
-from foldonnx.errors import FoldOnnxError
+from foldonnx.errors import FoldOnnxError, UsageError
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
@@ -25,26 +26,39 @@ COMMANDS: list[str] = [
     "quantize",
     "eval",
     "sweep",
+    "compress",
     "bench",
     "profile",
 ]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``error: ...``, exit code 2), like every other error."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise UsageError(f"{' '.join(message.split())} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from foldonnx import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fold-onnx",
         description="Compress exported vision models: analyse channel groups, fold, prune, "
         "quantize and measure ONNX graphs.",
     )
     parser.add_argument("--version", action="version", version=f"fold-onnx {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only errors")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only errors, no tables")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         module = importlib.import_module(f"foldonnx.cli.{name}")
         module.register(sub)
+    for sp in sub.choices.values():  # -v / -q after the subcommand too
+        sp.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more logging")
+        sp.add_argument(
+            "-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="only errors, no tables"
+        )
     return parser
 
 
@@ -55,7 +69,11 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
     if not getattr(args, "command", None):
         parser.print_help()
         return 2

@@ -71,9 +71,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def build_evaluator(args: argparse.Namespace, reference: str | Path) -> Evaluator:
     """The :class:`Evaluator` for *reference* from the shared options (also used by sweep)."""
-    from foldonnx.data.sources import load_source
+    from foldonnx.data.sources import load_source, resolve_preprocess
     from foldonnx.evaluate.evaluation import Evaluator, load_probe_data
-    from foldonnx.evaluate.runner import prepare_inputs, resolve_preprocess
+    from foldonnx.evaluate.runner import prepare_inputs
     from foldonnx.onnx_file import load_model
 
     if args.limit is not None and args.limit <= 0:

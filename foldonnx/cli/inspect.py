@@ -41,15 +41,16 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
     from rich.text import Text
 
-    from foldonnx.analysis import count_parameters, find_channel_groups, summarize_groups
+    from foldonnx.analysis import find_channel_groups, summarize_groups
     from foldonnx.analysis.channel_groups import groups_to_json
+    from foldonnx.graph.stats import count_params
     from foldonnx.onnx_file import load_model
 
     loaded = load_model(args.model)
     t0 = time.perf_counter()
     groups = find_channel_groups(loaded.model)
     seconds = time.perf_counter() - t0
-    total = count_parameters(loaded.model)
+    total = count_params(loaded.model)
     summary = summarize_groups(groups, loaded.model)
 
     console = Console(file=sys.stdout, width=None if sys.stdout.isatty() else 150)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import sys
+from contextlib import nullcontext
 from typing import Any
 
+from rich.console import Console
+
 from foldonnx.cli.bench import wide_console
+from foldonnx.cli.common import add_json_argument, claim_json, write_json
 from foldonnx.errors import UsageError
 
 __all__ = ["register", "run", "render_quantize"]
@@ -25,6 +28,9 @@ def _floats3(text: str | None, what: str) -> tuple[float, float, float] | None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from foldonnx.passes.config import add_config_arguments
+    from foldonnx.passes.quantize import QuantizeConfig
+
     p = subparsers.add_parser(
         "quantize",
         help="INT8 (dynamic or static QDQ over real images) or FP16 with ONNX Runtime, fidelity checked",
@@ -33,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("input", metavar="IN.onnx")
     p.add_argument("output", metavar="OUT.onnx")
-    p.add_argument("--mode", choices=["dynamic", "static", "fp16"], default="dynamic")
+    add_config_arguments(p, QuantizeConfig, aliases={"calib_limit": ["--limit"]})
     p.add_argument(
         "--calib",
         default=None,
@@ -41,38 +47,18 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="calibration data for static: imagenet20, cifar10, cifar100, photos, fashion-mnist, mnist5k, "
         "an image folder or an .npz of preprocessed inputs (default for static: photos)",
     )
-    p.add_argument("--limit", type=int, default=64, metavar="N", help="calibration samples (default 64)")
-    p.add_argument("--per-channel", action="store_true", help="per-channel weight scales")
     p.add_argument(
-        "--reduce-range",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="7-bit weights (default: on for static on x86 CPUs without VNNI, where 8-bit products saturate)",
-    )
-    p.add_argument("--exclude", default="", metavar="OP,...", help="op types to keep in float")
-    p.add_argument(
-        "--op-types", default=None, metavar="OP,...", help="op types to quantize (replaces the default)"
+        "--check", default="imagenet20", metavar="SOURCE", help="fidelity-check data (default: imagenet20)"
     )
     p.add_argument(
-        "--calibrate-method",
-        choices=["minmax", "entropy", "percentile"],
-        default="minmax",
-        help="static only",
+        "--check-limit", type=int, default=20, metavar="N", help="images for the fidelity check (default: 20)"
     )
-    p.add_argument(
-        "--quantize-attention", action="store_true", help="also quantize MatMuls between two activations"
-    )
-    p.add_argument("--no-pre-process", action="store_true", help="skip ORT's quant_pre_process")
-    p.add_argument(
-        "--check", default="imagenet20", metavar="SOURCE", help="fidelity-check data (default imagenet20)"
-    )
-    p.add_argument("--check-limit", type=int, default=20, metavar="N", help="images for the fidelity check")
     p.add_argument("--no-check", action="store_true", help="skip the fidelity check")
     p.add_argument("--image-size", type=int, default=None, metavar="PX", help="override the input size")
     p.add_argument("--mean", default=None, metavar="R,G,B", help="normalisation mean (0..1 scale)")
     p.add_argument("--std", default=None, metavar="R,G,B", help="normalisation std (0..1 scale)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="ORT threads for the check")
-    p.add_argument("--json", default=None, metavar="FILE", help="write the result as JSON")
+    add_json_argument(p)
     p.set_defaults(func=run)
     return p
 
@@ -81,17 +67,9 @@ def _preprocess(args: argparse.Namespace) -> Any:
     mean, std = _floats3(args.mean, "--mean"), _floats3(args.std, "--std")
     if mean is None and std is None and args.image_size is None:
         return None  # the model's metadata or ImageNet defaults
-    from foldonnx.data.sources import Preprocess
-    from foldonnx.onnx_file import load_model
-    from foldonnx.runtime.quantize import preprocess_for
+    from foldonnx.data.sources import resolve_preprocess
 
-    base = preprocess_for(load_model(args.input, load_weights=False).model)
-    return Preprocess(
-        size=args.image_size or base.size,
-        mean=mean or base.mean,
-        std=std or base.std,
-        resize=None if args.image_size else base.resize,
-    )
+    return resolve_preprocess(args.input, image_size=args.image_size, mean=mean, std=std)
 
 
 def render_quantize(r: Any, console: Any) -> None:
@@ -128,38 +106,37 @@ def render_quantize(r: Any, console: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
+    from foldonnx.onnx_file import OutputGuard
+    from foldonnx.passes.config import config_from_args
+    from foldonnx.passes.quantize import QuantizeConfig, quantize_file
 
-    from foldonnx.runtime import dump_json, quantize
-
-    if args.limit is not None and args.limit < 1:
-        raise UsageError(f"--limit must be positive, got {args.limit}")
-    calib = args.calib or ("photos" if args.mode == "static" else None)
-    if args.calib and args.mode != "static":
-        raise UsageError(f"--calib is only used by --mode static, not {args.mode}")
-    exclude = [x.strip() for x in args.exclude.split(",") if x.strip()]
-    op_types = [x.strip() for x in args.op_types.split(",") if x.strip()] if args.op_types else None
-    with Console(stderr=True).status(f"quantizing ({args.mode})…"):
-        result = quantize(
+    config = config_from_args(args, QuantizeConfig)
+    if args.calib and config.mode != "static":
+        raise UsageError(f"--calib is only used by --mode static, not {config.mode}")
+    if args.check_limit is not None and args.check_limit < 1:
+        raise UsageError(f"--check-limit must be positive, got {args.check_limit}")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    guard = OutputGuard([args.input])
+    guard.claim(args.output, "output")
+    claim_json(guard, args)
+    preprocess = _preprocess(args)
+    calib = args.calib or ("photos" if config.mode == "static" else None)
+    status = Console(stderr=True).status(f"quantizing ({config.mode})…") if not args.quiet else nullcontext()
+    with status:
+        result = quantize_file(
             args.input,
             args.output,
-            mode=args.mode,
+            mode=config.mode,
             calib=calib,
-            per_channel=args.per_channel,
-            exclude_ops=exclude,
-            op_types=op_types,
-            limit=args.limit,
-            preprocess=_preprocess(args),
-            calibrate_method=args.calibrate_method,
-            pre_process=not args.no_pre_process,
-            quantize_attention=args.quantize_attention,
-            reduce_range=args.reduce_range,
+            limit=config.calib_limit,
+            preprocess=preprocess,
             check_source=None if args.no_check else args.check,
             check_limit=args.check_limit,
             threads=args.threads,
+            **{k: v for k, v in config.to_dict().items() if k not in ("mode", "calib_limit")},
         )
-    render_quantize(result, wide_console())
-    if args.json:
-        dump_json(result, args.json)
-        print(f"wrote {args.json}", file=sys.stderr)
+    if not args.quiet:
+        render_quantize(result, wide_console())
+    write_json(guard, args, [{"type": type(result).__name__, "data": result.to_dict()}])
     return 0

@@ -30,7 +30,7 @@ def parse_options(items: list[str] | None) -> dict[str, Any]:
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     from foldonnx.evaluate.sweep import QUANTIZE_MODES
-    from foldonnx.passes.registry import list_methods
+    from foldonnx.passes.registry import list_passes
 
     p = subparsers.add_parser(
         "sweep",
@@ -49,8 +49,14 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--methods",
-        default="fold,prune-l1",
-        help=f"registered methods, comma-separated ({', '.join(list_methods())})",
+        default=None,
+        help=f"registered passes, comma-separated (default: fold,prune-l1; {', '.join(list_passes())})",
+    )
+    p.add_argument(
+        "--recipes",
+        default=None,
+        metavar="A.yaml,B.json",
+        help="whole pipelines (recipe files, see compress) to compare beside the methods, one point each",
     )
     p.add_argument(
         "--quantize",
@@ -61,7 +67,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("--calib", default=None, metavar="SOURCE", help="calibration data for int8-static")
     p.add_argument(
-        "--option", action="append", metavar="KEY=VALUE", help="passed to every method (repeatable)"
+        "--option",
+        action="append",
+        metavar="[METHOD.]KEY=VALUE",
+        help="an option of the methods that have it, or of METHOD only (repeatable; unknown "
+        "options are errors)",
     )
     p.add_argument("--out", default="sweep", metavar="DIR", help="output folder (default: ./sweep)")
     p.add_argument("--bench-iters", type=int, default=20, help="interleaved latency rounds (0: skip)")
@@ -78,7 +88,9 @@ def run(args: argparse.Namespace) -> int:
     from foldonnx.onnx_file import load_model
 
     ratios = parse_floats(args.ratios, "--ratios") or []
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    recipes = [r.strip() for r in (args.recipes or "").split(",") if r.strip()]
+    default_methods = "" if recipes else "fold,prune-l1"
+    methods = [m.strip() for m in (args.methods or default_methods).split(",") if m.strip()]
     load_model(args.model, load_weights=False)  # a missing/bad model fails before any work
     if args.data is None and (args.probe_data or args.probe_train or args.probe_test):
         raise UsageError("the linear probe needs --data (the fidelity set)")
@@ -98,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
         method_options=parse_options(args.option),
         reuse=args.reuse,
         axis=args.axis,
+        recipes=recipes,
     )
     out = Path(args.out)
     (out / "sweep.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")

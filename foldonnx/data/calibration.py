@@ -1,4 +1,5 @@
-"""A seeded, augmented calibration set built from the shipped images (never ``imagenet20``).
+"""Calibration sets: augmented crops of the shipped images (never ``imagenet20``), synthetic
+images made from random numbers only, and calibration data as model feeds.
 
 ``augmented_images(n)`` draws random resized crops (scale 0.08–1 of the area, aspect 3/4–4/3)
 with random horizontal flips from the scikit-image photos, and upsampled CIFAR-10/100 images
@@ -6,16 +7,20 @@ with random horizontal flips from the scikit-image photos, and upsampled CIFAR-1
 Token-level statistics of a ViT give ``N·T`` rows per image, so a few hundred images are
 plenty for the least-squares refit of a 1536-wide consumer.
 
-The source string ``augmented`` (``augmented:N``) selects it for ``--calib``.
+The source string ``augmented`` (``augmented:N``) selects it for ``--calib``; ``synthetic``
+(``synthetic:N``) the synthetic images (1/f spectral noise and dead leaves: the power spectrum
+of natural photos, no photo involved) — the calibration of every data-free path.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
+import onnx
 
-from foldonnx.data.sources import ImageSet, load_source
+from foldonnx.data.sources import ImageSet, Preprocess, load_source
 from foldonnx.errors import DataError
 
 __all__ = [
@@ -27,6 +32,10 @@ __all__ = [
     "parse_synthetic",
     "spectral_noise",
     "dead_leaves",
+    "calibration_feeds",
+    "offdomain_images",
+    "parse_offdomain",
+    "OFFDOMAIN_SOURCE",
 ]
 
 AUGMENTED_SOURCE = "augmented"
@@ -116,6 +125,51 @@ def augmented_images(
     return ImageSet(name=f"augmented:{n}", images=[out[i] for i in order])
 
 
+OFFDOMAIN_SOURCE = "offdomain"
+
+
+def parse_offdomain(spec: str) -> int | None:
+    """``"offdomain"`` → 256, ``"offdomain:128"`` → 128, anything else → None."""
+    return _parse_count(spec, OFFDOMAIN_SOURCE)
+
+
+def offdomain_images(n: int = DEFAULT_COUNT, *, size: int = 224, seed: int = 0) -> ImageSet:
+    """*n* calibration images that share nothing with the evaluation photos (``imagenet20``,
+    ``photos``): random crops (75–100 % of the side) of the 40 CIFAR-10/100 images and of
+    Fashion-MNIST training images (grey, upsampled), flipped and jittered in brightness and
+    contrast (±20 %). The calibration of the benchmarks, so fidelity is measured on photos the
+    fit never saw."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    pools: list[list[np.ndarray]] = []
+    for src in ("cifar10", "cifar100"):
+        pools.append(list(load_source(src).images))  # type: ignore[union-attr]
+    try:
+        fm = load_source("fashion-mnist:train", limit=2000, seed=seed)
+        pools.append(list(fm.images))  # type: ignore[union-attr]
+    except DataError as exc:
+        logger.warning("offdomain calibration without Fashion-MNIST (%s)", exc)
+    images = [img for pool in pools for img in pool]
+    out: list[np.ndarray] = []
+    for _ in range(n):
+        img = images[int(rng.integers(len(images)))]
+        if img.ndim == 2:
+            img = np.repeat(img[:, :, None], 3, axis=2)
+        h, w = img.shape[:2]
+        c = int(rng.integers(max(1, int(0.75 * min(h, w))), min(h, w) + 1))
+        left, top = int(rng.integers(0, w - c + 1)), int(rng.integers(0, h - c + 1))
+        pil = Image.fromarray(np.ascontiguousarray(img[:, :, :3])).crop((left, top, left + c, top + c))
+        pil = pil.resize((size, size), Image.BICUBIC)
+        if rng.random() < 0.5:
+            pil = pil.transpose(Image.FLIP_LEFT_RIGHT)
+        a = np.asarray(pil, dtype=np.float32)
+        a = (a - a.mean()) * rng.uniform(0.8, 1.2) + a.mean() * rng.uniform(0.8, 1.2)
+        out.append(np.clip(a, 0, 255).astype(np.uint8))
+    logger.info("offdomain calibration set: %d images", n)
+    return ImageSet(name=f"offdomain:{n}", images=out)
+
+
 # ---------------------------------------------------------------------------------------------
 # Synthetic images: the data-free calibration of ``--repair ar`` on LayerNorm models
 # ---------------------------------------------------------------------------------------------
@@ -189,3 +243,20 @@ def synthetic_images(n: int = DEFAULT_COUNT, *, size: int = 224, seed: int = 0) 
         out.append(np.round(img * 255).astype(np.uint8))
     logger.info("synthetic calibration set: %d images (%d px)", n, size)
     return ImageSet(name=f"{SYNTHETIC_SOURCE}:{n}", images=out)
+
+
+def calibration_feeds(
+    model: onnx.ModelProto,
+    calib: Any,
+    *,
+    limit: int | None = None,
+    preprocess: Preprocess | None = None,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Calibration data for *model* as checked input arrays (see
+    :func:`foldonnx.data.feeds.model_feeds`): a SOURCE string (built-in, folder, ``.npz``,
+    ``augmented:N``, ``synthetic:N``), an ImageSet / TensorSet, an array or a mapping."""
+    from foldonnx.data.feeds import model_feeds
+
+    feeds, _ = model_feeds(model, calib, limit=limit, preprocess=preprocess, seed=seed, what="calibration")
+    return feeds

@@ -23,14 +23,18 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import json
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import onnx
 
-from foldonnx.errors import DataError
+from foldonnx.errors import DataError, UsageError
 
 __all__ = [
     "ImageSet",
@@ -45,6 +49,8 @@ __all__ = [
     "fashion_mnist",
     "mnist5k",
     "image_folder",
+    "read_preprocess",
+    "resolve_preprocess",
 ]
 
 logger = logging.getLogger(__name__)
@@ -350,3 +356,78 @@ def load_source(spec: str, limit: int | None = None, seed: int = 0) -> ImageSet 
     if limit is not None and limit < len(data):
         data = data.subset(slice(0, limit))
     return data
+
+
+def _input_hw(model: onnx.ModelProto) -> int | None:
+    """The spatial size of the first NCHW input, when the graph fixes it."""
+    init_names = {i.name for i in model.graph.initializer}
+    for inp in model.graph.input:
+        if inp.name in init_names:
+            continue
+        dims = inp.type.tensor_type.shape.dim
+        if len(dims) == 4 and dims[2].HasField("dim_value") and dims[2].dim_value > 0:
+            return int(dims[2].dim_value)
+        return None
+    return None
+
+
+def _triple(values: Sequence[float], what: str) -> tuple[float, float, float]:
+    vals = tuple(float(v) for v in values)
+    if len(vals) == 1:
+        vals = vals * 3
+    if len(vals) != 3:
+        raise UsageError(f"{what} needs 1 or 3 values, got {len(vals)}")
+    if what.endswith("std") and any(v == 0 for v in vals):
+        raise UsageError(f"{what} must not contain a zero (it divides the pixels)")
+    return vals  # type: ignore[return-value]
+
+
+def read_preprocess(model: Any) -> Preprocess | None:
+    """The image preprocessing a file records (``foldonnx.image_size`` / ``foldonnx.mean`` /
+    ``foldonnx.std``, written by ``fold-onnx export``; missing entries take the input size and
+    ImageNet statistics), or None when it records none (text models, foreign files).
+    Malformed entries are ignored with a warning."""
+    from foldonnx.graph.metadata import as_proto, read_metadata
+
+    proto = as_proto(model)
+    meta = read_metadata(proto)
+    if not any(k in meta for k in ("foldonnx.image_size", "foldonnx.mean", "foldonnx.std")):
+        return None
+    try:
+        size = int(meta["foldonnx.image_size"]) if "foldonnx.image_size" in meta else None
+        mean = (
+            _triple(json.loads(meta["foldonnx.mean"]), "mean") if "foldonnx.mean" in meta else IMAGENET_MEAN
+        )
+        std = _triple(json.loads(meta["foldonnx.std"]), "std") if "foldonnx.std" in meta else IMAGENET_STD
+    except (ValueError, TypeError, UsageError) as exc:
+        logger.warning("ignoring malformed foldonnx.* preprocessing metadata: %s", exc)
+        return None
+    return Preprocess(size=size or _input_hw(proto) or 224, mean=mean, std=std)
+
+
+def resolve_preprocess(
+    model: Any,
+    *,
+    image_size: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> Preprocess:
+    """Preprocessing for raw images fed to *model*: explicit arguments win, then the file's
+    metadata (:func:`read_preprocess`), then its input size and ImageNet mean/std."""
+    from foldonnx.graph.metadata import as_proto
+
+    proto = as_proto(model)
+    if image_size is not None and int(image_size) <= 0:
+        raise UsageError(f"image size must be positive, got {image_size}")
+    base = read_preprocess(proto)
+    if base is None:
+        size = _input_hw(proto)
+        if size is None:
+            logger.info("model input has no static spatial size and no metadata: using 224 px")
+        base = Preprocess(size=size or 224)
+    return Preprocess(
+        size=int(image_size) if image_size else base.size,
+        mean=_triple(mean, "--mean") if mean else base.mean,
+        std=_triple(std, "--std") if std else base.std,
+        resize=base.resize,
+    )

@@ -3,7 +3,6 @@
 * :mod:`~foldonnx.evaluate.metrics` -- pure numpy metrics (agreement, KL, cosine, mask IoU, top-1).
 * :mod:`~foldonnx.evaluate.probe` -- linear probe on frozen features.
 * :mod:`~foldonnx.evaluate.runner` -- running models in ONNX Runtime over data, interleaved latency.
-* :mod:`~foldonnx.evaluate.stats` -- parameter and MAC counts.
 * :mod:`~foldonnx.evaluate.evaluation` -- :class:`Evaluator`: reference once, candidates scored.
 * :mod:`~foldonnx.evaluate.sweep` / :mod:`~foldonnx.evaluate.plot` -- method × ratio sweeps, Pareto PNG.
 """
@@ -22,15 +21,11 @@ from foldonnx.evaluate.evaluation import (
 from foldonnx.evaluate.plot import plot_pareto
 from foldonnx.evaluate.probe import LinearProbe, ProbeResult, fit_probe, probe_features
 from foldonnx.evaluate.runner import (
-    LatencyResult,
     ModelInputs,
     ModelSession,
-    interleaved_latency,
     prepare_inputs,
-    resolve_preprocess,
     run_model,
 )
-from foldonnx.evaluate.stats import ModelStats, model_stats
 from foldonnx.evaluate.sweep import SweepPoint, SweepReport, run_sweep
 
 __all__ = [
@@ -45,15 +40,10 @@ __all__ = [
     "ProbeResult",
     "fit_probe",
     "probe_features",
-    "LatencyResult",
     "ModelInputs",
     "ModelSession",
-    "interleaved_latency",
     "prepare_inputs",
-    "resolve_preprocess",
     "run_model",
-    "ModelStats",
-    "model_stats",
     "SweepPoint",
     "SweepReport",
     "run_sweep",

@@ -6,7 +6,8 @@ given, and then scores any number of candidates against it -- the same object se
 ``fold-onnx eval`` and every point of ``fold-onnx sweep``.
 
 Task detection (``--task`` overrides): an [N, C] output is a ``classifier`` when C ≥ 10 and the
-model's ``foldonnx.task`` metadata says classifier, otherwise an ``embedding``; [N, T, D] tokens
+model's ``foldonnx.task`` metadata says classifier (or, without metadata, when a ``Gemm`` or a
+``Softmax`` computes it), otherwise an ``embedding``; [N, T, D] tokens
 are an ``embedding`` (with CLS/patch-token metrics); [N, C, H, W] is ``dense``.
 
 Metrics per task:
@@ -34,7 +35,8 @@ from foldonnx.data.sources import Preprocess, load_source
 from foldonnx.errors import DataError, UsageError
 from foldonnx.evaluate import metrics as M
 from foldonnx.evaluate.probe import LinearProbe, ProbeResult, evaluate_probe, fit_probe, probe_features
-from foldonnx.evaluate.runner import ModelInputs, ModelSession, read_task
+from foldonnx.evaluate.runner import ModelInputs, ModelSession
+from foldonnx.graph.metadata import read_task
 
 __all__ = [
     "TASKS",
@@ -43,6 +45,7 @@ __all__ = [
     "ProbeData",
     "Evaluator",
     "detect_task",
+    "output_head",
     "fidelity_metrics",
     "load_probe_data",
 ]
@@ -52,13 +55,36 @@ logger = logging.getLogger(__name__)
 TASKS = ("classifier", "embedding", "dense")
 
 
-def detect_task(shape: tuple[int, ...], metadata_task: str | None = None, override: str | None = None) -> str:
-    """The task of an output of *shape* (see module docstring)."""
+def output_head(model: onnx.ModelProto, output: str) -> str | None:
+    """The op type that computes *output*, looking through Identity/Flatten/Reshape/Squeeze."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    name = output
+    for _ in range(8):
+        node = producer.get(name)
+        if node is None:
+            return None
+        if node.op_type not in ("Identity", "Flatten", "Reshape", "Squeeze", "Cast"):
+            return node.op_type
+        name = node.input[0]
+    return None
+
+
+def detect_task(
+    shape: tuple[int, ...],
+    metadata_task: str | None = None,
+    override: str | None = None,
+    head: str | None = None,
+) -> str:
+    """The task of an output of *shape* (see module docstring). Without metadata, an
+    ``[N, C]`` output (C ≥ 10) computed by ``Gemm`` or a ``Softmax`` is a classifier (what
+    timm, torchvision and Keras exports end with); embeddings end with a MatMul or a norm."""
     if override:
         if override not in TASKS:
             raise UsageError(f"unknown task {override!r} (choose from {', '.join(TASKS)})")
         return override
     if len(shape) == 2:
+        if metadata_task is None and head in ("Gemm", "Softmax", "LogSoftmax"):
+            metadata_task = "classifier"
         return "classifier" if shape[1] >= 10 and metadata_task == "classifier" else "embedding"
     if len(shape) == 3:
         return "dense" if metadata_task == "dense" else "embedding"
@@ -264,7 +290,9 @@ class Evaluator:
             self.reference_out = cached["reference_out"]
         else:
             self.reference_out = session.run(inputs, batch_size=batch_size, progress=progress)[self.output]
-        self.task = detect_task(tuple(self.reference_out.shape), read_task(ref_proto), task)
+        self.task = detect_task(
+            tuple(self.reference_out.shape), read_task(ref_proto), task, output_head(ref_proto, self.output)
+        )
         logger.info(
             "reference output %s %s -> task %s", self.output, list(self.reference_out.shape), self.task
         )
@@ -305,12 +333,11 @@ class Evaluator:
         kw = dict(batch_size=self.batch_size, transform=feats, progress=self.progress)
         return session.run(self.probe_data.train, **kw)[out], session.run(self.probe_data.test, **kw)[out]
 
-    def evaluate(
-        self, candidate: str | os.PathLike | onnx.ModelProto, name: str | None = None
-    ) -> CandidateEval:
-        """Score one candidate; a candidate whose output shape differs is a :class:`DataError`."""
-        t0 = time.perf_counter()
-        label = name or (Path(candidate).name if not isinstance(candidate, onnx.ModelProto) else "candidate")
+    def candidate_output(
+        self, candidate: str | os.PathLike | onnx.ModelProto, label: str = "candidate"
+    ) -> tuple[ModelSession, np.ndarray]:
+        """The candidate's session and its output on the inputs (same shape as the reference's,
+        else a :class:`DataError`)."""
         session = ModelSession(candidate, outputs=[self.output], threads=self.threads, name=label)
         ref_static, cand_static = _static(self.reference_shape), _static(session.output_shape(self.output))
         if ref_static and cand_static and ref_static[1:] != cand_static[1:]:
@@ -323,6 +350,15 @@ class Evaluator:
                 f"candidate {label} output {self.output!r} has shape {list(out.shape)}, "
                 f"reference {list(self.reference_out.shape)}"
             )
+        return session, out
+
+    def evaluate(
+        self, candidate: str | os.PathLike | onnx.ModelProto, name: str | None = None
+    ) -> CandidateEval:
+        """Score one candidate; a candidate whose output shape differs is a :class:`DataError`."""
+        t0 = time.perf_counter()
+        label = name or (Path(candidate).name if not isinstance(candidate, onnx.ModelProto) else "candidate")
+        session, out = self.candidate_output(candidate, label)
         result = CandidateEval(
             name=label,
             path=None if isinstance(candidate, onnx.ModelProto) else str(candidate),

@@ -1,42 +1,33 @@
 """Running ONNX models on data in ONNX Runtime (CPU), in batches, with a progress bar.
 
-* :func:`resolve_preprocess` -- the model's preprocessing: flags > ONNX metadata
-  (``foldonnx.image_size`` / ``foldonnx.mean`` / ``foldonnx.std``) > input shape + ImageNet stats.
 * :func:`prepare_inputs` -- a data source (raw images or preprocessed npz arrays) turned into the
   model's input arrays once, so several models run over the same tensors.
 * :class:`ModelSession` / :func:`run_model` -- a CPU session (optionally exposing an internal
   tensor as an extra output) run over the inputs: models whose batch dimension is fixed run in
   chunks of that size, dynamic-batch models in batches of ``batch_size``.
-* :func:`interleaved_latency` -- several models timed round-robin in one process (latency on a
-  shared 2-core machine drifts by minutes, so only ratios of interleaved runs are comparable).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from foldonnx.data.sources import IMAGENET_MEAN, IMAGENET_STD, ImageSet, Preprocess, TensorSet
+from foldonnx.data.sources import ImageSet, Preprocess, TensorSet
 from foldonnx.errors import DataError, ModelFileError, RuntimeBackendError, UsageError
 
 __all__ = [
     "ModelInputs",
     "ModelSession",
-    "LatencyResult",
-    "resolve_preprocess",
-    "read_task",
     "prepare_inputs",
     "run_model",
-    "interleaved_latency",
 ]
 
 logger = logging.getLogger(__name__)
@@ -51,83 +42,6 @@ _TYPE_TO_NP = {
     "tensor(int8)": np.int8,
     "tensor(bool)": np.bool_,
 }
-
-
-def _metadata(model: onnx.ModelProto) -> dict[str, str]:
-    return {p.key: p.value for p in model.metadata_props}
-
-
-def read_task(model: onnx.ModelProto) -> str | None:
-    """The ``foldonnx.task`` metadata of an exported model, if any."""
-    return _metadata(model).get("foldonnx.task") or None
-
-
-def _input_hw(model: onnx.ModelProto) -> int | None:
-    init_names = {i.name for i in model.graph.initializer}
-    for inp in model.graph.input:
-        if inp.name in init_names:
-            continue
-        dims = inp.type.tensor_type.shape.dim
-        if len(dims) == 4 and dims[2].HasField("dim_value") and dims[2].dim_value > 0:
-            return int(dims[2].dim_value)
-    return None
-
-
-def _triple(values: Sequence[float], what: str) -> tuple[float, float, float]:
-    vals = tuple(float(v) for v in values)
-    if len(vals) == 1:
-        vals = vals * 3
-    if len(vals) != 3:
-        raise UsageError(f"{what} needs 1 or 3 values, got {len(vals)}")
-    return vals  # type: ignore[return-value]
-
-
-def resolve_preprocess(
-    model: onnx.ModelProto,
-    *,
-    image_size: int | None = None,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-) -> Preprocess:
-    """Preprocessing for raw images: explicit arguments win, then the model's metadata (through
-    ``foldonnx.models.registry.read_preprocess`` when available), then the input shape and
-    ImageNet mean/std."""
-    base: Preprocess | None = None
-    try:
-        from foldonnx.models.registry import read_preprocess  # written by the exporter issue
-    except ImportError:
-        read_preprocess = None
-    if read_preprocess is not None:
-        try:
-            base = read_preprocess(model)
-        except Exception as exc:  # noqa: BLE001 - malformed metadata must not stop an eval
-            logger.warning("cannot read preprocessing metadata: %s", exc)
-    if base is None:
-        meta = _metadata(model)
-        try:
-            size = int(meta["foldonnx.image_size"]) if "foldonnx.image_size" in meta else None
-            m = tuple(json.loads(meta["foldonnx.mean"])) if "foldonnx.mean" in meta else None
-            s = tuple(json.loads(meta["foldonnx.std"])) if "foldonnx.std" in meta else None
-        except (ValueError, TypeError) as exc:
-            logger.warning("ignoring malformed foldonnx.* preprocessing metadata: %s", exc)
-            size = m = s = None
-        if size is not None or m is not None:
-            base = Preprocess(
-                size=size or _input_hw(model) or 224,
-                mean=_triple(m, "mean") if m else IMAGENET_MEAN,
-                std=_triple(s, "std") if s else IMAGENET_STD,
-            )
-    if base is None:
-        size = _input_hw(model)
-        if size is None:
-            logger.warning("model input has no static spatial size and no metadata: using 224 px")
-        base = Preprocess(size=size or 224)
-    return Preprocess(
-        size=int(image_size) if image_size else base.size,
-        mean=_triple(mean, "--mean") if mean else base.mean,
-        std=_triple(std, "--std") if std else base.std,
-        resize=base.resize,
-    )
 
 
 @dataclass
@@ -215,7 +129,7 @@ class ModelSession:
         threads: int | None = None,
         name: str | None = None,
     ) -> None:
-        import onnxruntime as ort
+        from foldonnx.runtime.session import create_session
 
         proto: onnx.ModelProto | None = model if isinstance(model, onnx.ModelProto) else None
         path = None if proto is not None else Path(model)  # type: ignore[arg-type]
@@ -225,24 +139,15 @@ class ModelSession:
         internal = [o for o in (outputs or [])]
         if internal:
             if proto is None:
-                proto = onnx.load(str(path))
+                from foldonnx.onnx_file import load_model
+
+                proto = load_model(path).model
             with_outputs = _add_outputs(proto, internal)
             if with_outputs is not proto:
                 proto, path = with_outputs, None
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if threads:
-            opts.intra_op_num_threads = int(threads)
-        source = str(path) if path is not None else proto.SerializeToString()  # type: ignore[union-attr]
-        try:
-            self.session = ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # noqa: BLE001 - ORT raises assorted types
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise RuntimeBackendError(f"ONNX Runtime cannot load {self.name}: {first}") from None
-        if "CPUExecutionProvider" not in self.session.get_providers():
-            raise RuntimeBackendError(
-                f"CPU provider not active for {self.name}: {self.session.get_providers()}"
-            )
+        source = str(path) if path is not None else proto
+        self.rs = create_session(source, "cpu", threads=threads, label=self.name)  # type: ignore[arg-type]
+        self.session = self.rs.session
         self.inputs = self.session.get_inputs()
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.requested = list(outputs) if outputs else list(self.output_names)
@@ -336,58 +241,3 @@ def run_model(
     """Convenience: open a :class:`ModelSession` and run it over *inputs*."""
     session = ModelSession(model, outputs=outputs, threads=threads)
     return session.run(inputs, batch_size=batch_size, transform=transform, progress=progress)
-
-
-@dataclass
-class LatencyResult:
-    """Batch-1 latency of one model from an interleaved run (milliseconds)."""
-
-    name: str
-    median_ms: float
-    mean_ms: float
-    p90_ms: float
-    ratio: float  # median latency / the first model's median latency
-    iters: int
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def interleaved_latency(
-    models: Sequence[str | os.PathLike],
-    sample: ModelInputs,
-    *,
-    warmup: int = 3,
-    iters: int = 20,
-    threads: int | None = None,
-) -> list[LatencyResult]:
-    """Time every model on one sample (batch 1), round-robin in one process: each iteration runs
-    every model once, in an order rotated every iteration so no model always runs first."""
-    if iters < 1:
-        raise UsageError(f"iters must be ≥ 1, got {iters}")
-    sessions = [ModelSession(m, threads=threads) for m in models]
-    one = sample.subset(slice(0, 1))
-    feeds = [s.feeds(one) for s in sessions]
-    for s, f in zip(sessions, feeds, strict=True):
-        for _ in range(warmup):
-            s.session.run(None, f)
-    times: list[list[float]] = [[] for _ in sessions]
-    k = len(sessions)
-    for it in range(iters):
-        for j in range(k):
-            idx = (it + j) % k
-            t0 = time.perf_counter()
-            sessions[idx].session.run(None, feeds[idx])
-            times[idx].append((time.perf_counter() - t0) * 1e3)
-    medians = [float(np.median(t)) for t in times]
-    return [
-        LatencyResult(
-            name=s.name,
-            median_ms=medians[i],
-            mean_ms=float(np.mean(times[i])),
-            p90_ms=float(np.percentile(times[i], 90)),
-            ratio=medians[i] / medians[0] if medians[0] > 0 else float("nan"),
-            iters=iters,
-        )
-        for i, s in enumerate(sessions)
-    ]

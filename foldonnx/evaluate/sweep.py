@@ -4,7 +4,7 @@
 ratio to one model, optionally quantizes every variant (the original included) through
 :func:`foldonnx.runtime.quantize`, then measures for each variant
 
-* size: parameters, MACs (batch 1), bytes on disk (:mod:`foldonnx.evaluate.stats`);
+* size: parameters, MACs (batch 1), bytes on disk (:mod:`foldonnx.graph.stats`);
 * fidelity and accuracy against the original with an :class:`~foldonnx.evaluate.Evaluator`
   (when data is given);
 * batch-1 latency of all variants **interleaved in one process**, as ratios to the original
@@ -26,11 +26,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import onnx
+
 from foldonnx.errors import FoldOnnxError, UsageError
 from foldonnx.evaluate.evaluation import Evaluator
-from foldonnx.evaluate.stats import model_stats
+from foldonnx.graph.stats import model_stats
 from foldonnx.onnx_file import load_model, save_model
-from foldonnx.passes.registry import TARGET_PARAMS, apply_method, get_method
+from foldonnx.passes.registry import get_pass
 
 __all__ = [
     "QUANTIZE_MODES",
@@ -43,6 +45,7 @@ __all__ = [
     "measure_latency",
     "primary_metric",
     "point_quality",
+    "split_options",
 ]
 
 logger = logging.getLogger(__name__)
@@ -147,12 +150,15 @@ def _variant_name(method: str, ratio: float, axis: str = "channels") -> str:
     return ORIGINAL if method == ORIGINAL else f"{method}-{AXES[axis]}{ratio:g}"
 
 
-def _quantize(src: Path, dst: Path, quant: str, calib: str | None, threads: int | None) -> dict[str, Any]:
-    from foldonnx.runtime import quantize
+def _quantize(
+    model: onnx.ModelProto, quant: str, calib: str | None
+) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    from foldonnx.passes.base import PassContext
+    from foldonnx.passes.quantize import QuantizePass
 
-    mode = QUANTIZE_MODES[quant]
-    result = quantize(src, dst, mode=mode, calib=calib or "photos", check_source=None, threads=threads)
-    return result.to_dict() if hasattr(result, "to_dict") else {}
+    res = QuantizePass(mode=QUANTIZE_MODES[quant]).run(model, PassContext(calib=calib))
+    rep = res.report
+    return res.model, {"mode": rep.config["mode"], "excluded_nodes": getattr(rep, "excluded_nodes", 0)}
 
 
 def measure_latency(
@@ -162,58 +168,65 @@ def measure_latency(
     ok = [p for p in points if p.ok and p.path]
     if len(ok) == 0 or iters <= 0:
         return "not measured"
+    from foldonnx.runtime import bench
+
     paths = [p.path for p in ok]
-    try:
-        from foldonnx.runtime import bench
-    except ImportError:
-        bench = None
-    if bench is not None:
-        results = bench(
-            paths, provider="cpu", batches=[1], warmup=warmup, iters=iters, threads=threads,
-            labels=[p.name for p in ok],
-        )  # fmt: skip
-        for p, r in zip(ok, results, strict=True):
-            if r.ok and r.latency is not None:
-                p.latency_ms = r.latency.p50_ms
-                p.latency_ratio = r.latency_ratio
-            else:
-                logger.warning("latency of %s not measured: %s %s", p.name, r.status, r.reason)
-        return (
-            f"foldonnx.runtime.bench (cpu, batch 1, interleaved, {iters} rounds, median of per-round ratios)"
-        )
-    import numpy as np
-
-    from foldonnx.evaluate.runner import ModelInputs, ModelSession, interleaved_latency
-
-    sess = ModelSession(paths[0])
-    rng = np.random.default_rng(0)
-    arrays = {
-        i.name: rng.standard_normal([d if isinstance(d, int) and d > 0 else 1 for d in i.shape]).astype(
-            np.float32
-        )
-        for i in sess.inputs
-    }
-    lat = interleaved_latency(
-        paths, ModelInputs(arrays, None, "random"), warmup=warmup, iters=iters, threads=threads
-    )
-    for p, r in zip(ok, lat, strict=True):
-        p.latency_ms, p.latency_ratio = r.median_ms, r.ratio
-    return f"interleaved_latency (cpu, batch 1, {iters} rounds, ratio of medians)"
+    results = bench(
+        paths, provider="cpu", batches=[1], warmup=warmup, iters=iters, threads=threads,
+        labels=[p.name for p in ok],
+    )  # fmt: skip
+    for p, r in zip(ok, results, strict=True):
+        if r.ok and r.latency is not None:
+            p.latency_ms = r.latency.p50_ms
+            p.latency_ratio = r.latency_ratio
+        else:
+            logger.warning("latency of %s not measured: %s %s", p.name, r.status, r.reason)
+    return f"foldonnx.runtime.bench (cpu, batch 1, interleaved, {iters} rounds, median of per-round ratios)"
 
 
 def _check_plan(
-    ratios: Sequence[float], methods: Sequence[str], quantize: str | None, axis: str = "channels"
+    ratios: Sequence[float],
+    methods: Sequence[str],
+    quantize: str | None,
+    axis: str = "channels",
+    recipes: Sequence[str] = (),
 ) -> None:
     if axis not in AXES:
         raise UsageError(f"unknown sweep axis {axis!r} (choose {', '.join(AXES)})")
-    if not ratios or any(not 0.0 < r < 1.0 for r in ratios):
+    if methods and (not ratios or any(not 0.0 < r < 1.0 for r in ratios)):
         raise UsageError(f"ratios must be in (0, 1), got {list(ratios)}")
-    if not methods:
-        raise UsageError("no compression methods given")
+    if not methods and not recipes:
+        raise UsageError("no compression methods or recipes given")
     for m in methods:
-        get_method(m)  # unknown names fail before any work
+        entry = get_pass(m)  # unknown names fail before any work
+        if axis not in entry.budget:
+            axes = ", ".join(entry.budget) or "none"
+            raise UsageError(f"pass {m!r} has no budget on the {axis} axis (its axes: {axes})")
     if quantize is not None and quantize not in QUANTIZE_MODES:
         raise UsageError(f"unknown quantization {quantize!r} (choose {', '.join(QUANTIZE_MODES)})")
+
+
+def split_options(methods: Sequence[str], options: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """``--option`` values per method: ``key=value`` goes to every method that has the option
+    (an option no method has is an error), ``method.key=value`` to that method only."""
+    out: dict[str, dict[str, Any]] = {m: {} for m in methods}
+    for key, value in (options or {}).items():
+        name, dot, opt = key.rpartition(".")
+        targets = [name] if dot else list(methods)
+        if dot and name not in out:
+            raise UsageError(f"--option {key}: {name!r} is not one of the methods ({', '.join(methods)})")
+        opt = opt.replace("-", "_")
+        takers = [m for m in targets if opt in get_pass(m).options()]
+        if not takers:
+            valid = sorted({o for m in targets for o in get_pass(m).options()})
+            raise UsageError(f"--option {key}: no method takes {opt!r} (valid: {', '.join(valid)})")
+        for m in takers:
+            out[m][opt] = value
+    for m, opts in out.items():  # a bad value fails now, not after hours of other variants
+        entry = get_pass(m)
+        probe = {**opts, next(iter(entry.budget.values()), "unused"): 0.1} if entry.budget else opts
+        entry.make(probe)
+    return out
 
 
 def _reused(p: SweepPoint, path: Path, reuse: bool) -> bool:
@@ -232,6 +245,35 @@ def _remember(p: SweepPoint, path: Path) -> None:
     side.write_text(json.dumps({"report": p.method_report, "seconds": p.seconds}) + "\n")
 
 
+def _recipe_name(recipe: str) -> str:
+    return "recipe:" + (Path(recipe).stem if recipe.endswith((".json", ".yaml", ".yml")) else "inline")
+
+
+def _compress_point(
+    p: SweepPoint, path: Path, build: Any, loaded: Any, calib: str | None, reuse: bool
+) -> onnx.ModelProto | None:
+    """Run one variant (a pass or a pipeline), write it to *path*; errors go into the point."""
+    from foldonnx.passes.base import PassContext
+
+    if _reused(p, path, reuse):
+        return None
+    t0 = time.perf_counter()
+    model = None
+    try:
+        runner = build()
+        result = runner.run(loaded.model, PassContext(calib=calib, file_size=loaded.file_size))
+        model = result.model
+        save_model(model, path, source=loaded.path)
+        p.path, p.method_report = str(path), _summary(result.report.to_dict())
+    except FoldOnnxError as exc:
+        p.error = str(exc)
+        logger.warning("%s failed: %s", p.name, exc)
+    p.seconds = time.perf_counter() - t0
+    if p.ok:
+        _remember(p, path)
+    return model
+
+
 def compress_variants(
     model: str | os.PathLike,
     *,
@@ -245,37 +287,42 @@ def compress_variants(
     method_options: dict[str, Any] | None = None,
     reuse: bool = False,
     axis: str = "channels",
+    recipes: Sequence[str] = (),
 ) -> list[SweepPoint]:
-    """The original, every method at every ratio, and (with *quantize*) each of those quantized;
-    files go to *out_dir*. A point that fails carries its one-line error. With *reuse*, variants
-    already in *out_dir* (with their ``.report.json``) are taken instead of recomputed."""
-    _check_plan(ratios, methods, quantize, axis)
-    options = dict(method_options or {})
-    if axis == "params":
-        options[TARGET_PARAMS] = True
+    """The original, every method at every ratio, every recipe, and (with *quantize*) each of
+    those quantized; files go to *out_dir*. A point that fails carries its one-line error. With
+    *reuse*, variants already in *out_dir* (with their ``.report.json``) are taken instead of
+    recomputed. *calib* is the calibration data of data-driven passes and of ``int8-static``."""
+    from foldonnx.passes.recipe import build_pipeline
+
+    _check_plan(ratios, methods, quantize, axis, recipes)
+    per_method = split_options(methods, method_options)
+    pipelines = {r: build_pipeline(r) for r in recipes}  # bad recipes fail before any work
     src = Path(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     loaded = load_model(src)
     points = [SweepPoint(name=ORIGINAL, method=ORIGINAL, ratio=0.0, path=str(src))]
     for method in methods:
+        entry = get_pass(method)
+        opts = dict(per_method[method])
+        if "seed" in entry.options():
+            opts.setdefault("seed", seed)
         for ratio in ratios:
             p = SweepPoint(name=_variant_name(method, ratio, axis), method=method, ratio=float(ratio))
-            path = out / f"{p.name}.onnx"
             points.append(p)
-            if _reused(p, path, reuse):
-                continue
-            t0 = time.perf_counter()
-            try:
-                new_model, rep = apply_method(method, loaded.model, float(ratio), seed=seed, **options)
-                save_model(new_model, path, source=src)
-                p.path, p.method_report = str(path), _summary(rep)
-            except FoldOnnxError as exc:
-                p.error = str(exc)
-                logger.warning("%s failed: %s", p.name, exc)
-            p.seconds = time.perf_counter() - t0
-            if p.ok:
-                _remember(p, path)
+
+            def build(entry=entry, opts=opts, ratio=ratio) -> Any:
+                return entry.make({**opts, entry.budget[axis]: float(ratio)})
+
+            _compress_point(p, out / f"{p.name}.onnx", build, loaded, calib, reuse)
+    for recipe, pipeline in pipelines.items():
+        name = _recipe_name(recipe)
+        p = SweepPoint(name=name, method=name, ratio=0.0)
+        points.append(p)
+        _compress_point(
+            p, out / f"{name.replace(':', '-')}.onnx", lambda pl=pipeline: pl, loaded, calib, reuse
+        )
     if quantize is not None:
         for p in list(points):
             q = SweepPoint(name=f"{p.name}+{quantize}", method=p.method, ratio=p.ratio, quantize=quantize)
@@ -283,13 +330,14 @@ def compress_variants(
             if not p.ok:
                 q.error = p.error
                 continue
-            path = out / f"{p.name}.{quantize}.onnx"
+            path = out / f"{p.name.replace(':', '-')}.{quantize}.onnx"
             if _reused(q, path, reuse):
                 continue
             t0 = time.perf_counter()
             try:
-                qrep = _quantize(Path(p.path), path, quantize, calib, threads)  # type: ignore[arg-type]
-                q.method_report = {**p.method_report, "quantize": _quant_summary(qrep)}
+                qmodel, qrep = _quantize(load_model(p.path).model, quantize, calib)  # type: ignore[arg-type]
+                save_model(qmodel, path, source=src)
+                q.method_report = {**p.method_report, "quantize": qrep}
                 q.path = str(path)
             except FoldOnnxError as exc:
                 q.error = str(exc)
@@ -305,8 +353,8 @@ def measure_sizes(points: Sequence[SweepPoint]) -> None:
     for p in points:
         if p.ok and p.path:
             lm = load_model(p.path)
-            st = model_stats(lm.model)
-            p.params, p.macs, p.file_size = st.params, st.macs, lm.file_size
+            st = model_stats(lm.model, lm.file_size)
+            p.params, p.macs, p.file_size = st.params, st.macs, st.bytes
 
 
 def evaluate_points(
@@ -355,20 +403,22 @@ def run_sweep(
     method_options: dict[str, Any] | None = None,
     reuse: bool = False,
     axis: str = "channels",
+    recipes: Sequence[str] = (),
 ) -> SweepReport:
     """Run the sweep (see module docstring); variant files are written to *out_dir*.
 
     *evaluator* must have the original *model* as its reference; without one, only sizes and
     latency are measured. *calib* is the calibration source for ``int8-static``.
     """
-    _check_plan(ratios, methods, quantize, axis)
+    _check_plan(ratios, methods, quantize, axis, recipes)
     report = SweepReport(
-        model=str(model), methods=list(methods), ratios=[float(r) for r in ratios], quantize=quantize,
-        axis=axis,
+        model=str(model), methods=[*methods, *(_recipe_name(r) for r in recipes)],
+        ratios=[float(r) for r in ratios], quantize=quantize, axis=axis,
     )  # fmt: skip
     points = compress_variants(
         model, ratios=ratios, methods=methods, out_dir=out_dir, quantize=quantize, calib=calib,
         threads=threads, seed=seed, method_options=method_options, reuse=reuse, axis=axis,
+        recipes=recipes,
     )  # fmt: skip
     measure_sizes(points)
     if evaluator is not None:
@@ -386,10 +436,6 @@ def _summary(rep: dict[str, Any]) -> dict[str, Any]:
     if isinstance(rep.get("groups"), list):
         keep["groups"] = len(rep["groups"])
     return keep
-
-
-def _quant_summary(rep: dict[str, Any]) -> dict[str, Any]:
-    return {k: rep[k] for k in ("mode", "size_before", "size_after", "excluded_nodes") if k in rep}
 
 
 def _fmt(x: float | None, spec: str) -> str:

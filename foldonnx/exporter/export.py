@@ -36,7 +36,8 @@ import onnx
 
 from foldonnx.errors import ExportError, ModelFileError, ParityError, UsageError
 from foldonnx.exporter.parity import ParityResult, compare_outputs, ort_session, run_onnx
-from foldonnx.models.registry import ModelSpec, get_model_spec, write_metadata
+from foldonnx.graph.metadata import write_metadata
+from foldonnx.models.registry import ModelSpec, get_model_spec
 from foldonnx.onnx_file import load_model, save_model
 
 if TYPE_CHECKING:

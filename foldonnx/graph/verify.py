@@ -18,7 +18,14 @@ import onnx
 
 from foldonnx.errors import PassError
 
-__all__ = ["VerifyReference", "verify_reference", "verify_model", "zero_feeds", "output_shapes"]
+__all__ = [
+    "VerifyReference",
+    "verify_reference",
+    "verify_model",
+    "zero_feeds",
+    "output_shapes",
+    "shape_model",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -30,18 +37,18 @@ def zero_feeds(model: onnx.ModelProto) -> dict[str, np.ndarray]:
         if inp.name in inits:
             continue
         tt = inp.type.tensor_type
-        shape = [d.dim_value if d.HasField("dim_value") else 1 for d in tt.shape.dim]
+        shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in tt.shape.dim]
         feeds[inp.name] = np.zeros(shape, dtype=onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
     return feeds
 
 
 # Float initializers with at least this many scalars are fed as zero-filled inputs to the ORT
-# shape checks instead of being copied into ORT (see _shape_model).
+# shape checks instead of being copied into ORT (see shape_model).
 _ZERO_WEIGHT_MIN = 1024
 _FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
 
 
-def _shape_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+def shape_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """The model for the ORT shape checks, without a copy of its weights.
 
     Output shapes never depend on the *values* of float weights, so every large float
@@ -85,10 +92,10 @@ class VerifyReference:
 
 
 def output_shapes(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[tuple[int, ...]]:
-    """Output shapes ORT gives on *feeds* (the weights fed as zeros, see :func:`_shape_model`)."""
+    """Output shapes ORT gives on *feeds* (the weights fed as zeros, see :func:`shape_model`)."""
     import onnxruntime as ort
 
-    skel, weights = _shape_model(model)
+    skel, weights = shape_model(model)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -116,7 +123,7 @@ def verify_reference(model: onnx.ModelProto) -> VerifyReference:
 def _check_model(model: onnx.ModelProto) -> None:
     """onnx.checker on the weightless skeleton (nodes, types, opsets) plus every replaced
     weight's data size checked on its own: never the whole model serialized at once."""
-    skel, weights = _shape_model(model)
+    skel, weights = shape_model(model)
     onnx.checker.check_model(skel)
     by_name = {t.name: t for t in model.graph.initializer if t.name in weights}
     for name in weights:

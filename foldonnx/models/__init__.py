@@ -3,6 +3,6 @@ offline, and the real images/labels used to evaluate them."""
 
 from __future__ import annotations
 
-from foldonnx.models.registry import ModelSpec, get_model_spec, list_models, read_preprocess
+from foldonnx.models.registry import ModelSpec, get_model_spec, list_models
 
-__all__ = ["ModelSpec", "get_model_spec", "list_models", "read_preprocess"]
+__all__ = ["ModelSpec", "get_model_spec", "list_models"]

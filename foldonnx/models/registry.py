@@ -20,7 +20,8 @@ name                                   what
 A :class:`ModelSpec` carries what later commands need to feed the model: task, image size and
 the mean/std of its preprocessing (on pixels scaled to [0, 1]). Exported files carry the same
 facts as ``metadata_props`` (``foldonnx.model``, ``foldonnx.task``, ``foldonnx.image_size``,
-``foldonnx.mean``, ``foldonnx.std``), read back by :func:`read_preprocess`.
+``foldonnx.mean``, ``foldonnx.std``; :mod:`foldonnx.graph.metadata`), read back by
+:func:`foldonnx.data.sources.read_preprocess`.
 
 SAM normalises 0..255 pixels by mean (123.675, 116.28, 103.53) and std (58.395, 57.12,
 57.375): on [0, 1] pixels that is exactly the ImageNet mean/std, which is what we record (SAM
@@ -42,15 +43,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlparse
 
-import onnx
-
 from foldonnx.data.sources import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from foldonnx.errors import ExportError
 
 if TYPE_CHECKING:
     import torch
 
-    from foldonnx.onnx_file import LoadedModel
 
 __all__ = [
     "ModelSpec",
@@ -58,18 +56,13 @@ __all__ = [
     "register_model",
     "list_models",
     "get_model_spec",
-    "read_preprocess",
-    "read_metadata",
-    "write_metadata",
     "check_checkpoint_path",
     "load_state_dict_file",
-    "METADATA_PREFIX",
 ]
 
 logger = logging.getLogger(__name__)
 
 Task = Literal["classifier", "embedding", "dense"]
-METADATA_PREFIX = "foldonnx."
 HALF = (0.5, 0.5, 0.5)
 Builder = Callable[["ModelSpec", bool, "Path | None", int], "torch.nn.Module"]
 
@@ -688,49 +681,3 @@ register_model(
         fixed_image_size=True,
     )
 )
-
-
-# ---------------------------------------------------------------------------------------------
-# metadata of exported files
-# ---------------------------------------------------------------------------------------------
-
-
-def read_metadata(model: onnx.ModelProto | LoadedModel | str | os.PathLike) -> dict[str, str]:
-    """The ``foldonnx.*`` metadata_props of *model* (a ModelProto, LoadedModel or path)."""
-    proto = _as_proto(model)
-    return {p.key: p.value for p in proto.metadata_props if p.key.startswith(METADATA_PREFIX)}
-
-
-def read_preprocess(model: onnx.ModelProto | LoadedModel | str | os.PathLike) -> Preprocess | None:
-    """The image preprocessing recorded in an exported file, or None when it carries none
-    (text models, foreign files)."""
-    meta = read_metadata(model)
-    try:
-        size = int(meta["foldonnx.image_size"])
-        mean = tuple(float(v) for v in json.loads(meta["foldonnx.mean"]))
-        std = tuple(float(v) for v in json.loads(meta["foldonnx.std"]))
-    except (KeyError, ValueError, TypeError):
-        return None
-    if len(mean) != 3 or len(std) != 3:
-        return None
-    return Preprocess(size=size, mean=mean, std=std)  # type: ignore[arg-type]
-
-
-def write_metadata(model: onnx.ModelProto, props: dict[str, str]) -> None:
-    """Set (replace) metadata_props entries of *model* in place, keeping the others."""
-    keep = [p for p in model.metadata_props if p.key not in props]
-    del model.metadata_props[:]
-    for p in keep:
-        model.metadata_props.append(p)
-    for k, v in props.items():
-        model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
-
-
-def _as_proto(model: onnx.ModelProto | LoadedModel | str | os.PathLike) -> onnx.ModelProto:
-    if isinstance(model, onnx.ModelProto):
-        return model
-    if hasattr(model, "model") and isinstance(model.model, onnx.ModelProto):
-        return model.model
-    from foldonnx.onnx_file import load_model
-
-    return load_model(model, load_weights=False).model  # type: ignore[arg-type]

@@ -1,158 +1,144 @@
-"""Compression methods by name, so sweeps (and later passes) compose without knowing each other.
+"""Passes by name: what recipes, ``compress``, ``sweep`` and the CLI look up.
 
-A method is a function ``(model, ratio, *, seed, **options) -> (model, report)`` where *ratio* is
-the fraction of channels to remove (0 = unchanged) and *report* is a JSON-able ``dict``. A sweep
-along the parameter axis passes ``target_params=True``: *ratio* is then the fraction of the
-model's parameters to remove (methods that cannot target parameters raise a ``UsageError``).
-Register one with :func:`register_method`::
+An entry is a pass class plus, optionally, a *preset*: options the name fixes. ``prune-l1`` is
+:class:`~foldonnx.passes.fold.FoldPass` with ``method="prune-l1"``; ``fold-ar`` is the fold with
+the data-free repair. A recipe step may set any other option of the pass; setting a preset
+option to another value is an error naming the entry to use instead.
 
-    @register_method("my-pass", "what it does")
-    def _my_pass(model, ratio, *, seed=0, **options):
+Register a pass of your own::
+
+    @register_pass
+    class MyPass(Pass):
+        name = "my-pass"
+        Config = MyConfig
         ...
-        return new_model, {"params_removed": 0.3}
 
-``fold``, ``prune-l1`` and ``prune-l2`` are built in: thin wrappers of :func:`foldonnx.fold`
-(imported when first used); ``fold-ar`` and ``prune-l1-ar`` add the data-free repair
-(``repair="ar"``).
+Built-in passes are imported the first time the registry is read.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import importlib
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
-import onnx
-
-from foldonnx.errors import PassError, UsageError
+from foldonnx.errors import UsageError
+from foldonnx.passes.base import Pass, PassReport
 
 __all__ = [
-    "MethodFn",
-    "CompressionMethod",
-    "register_method",
-    "get_method",
-    "list_methods",
-    "apply_method",
-    "TARGET_PARAMS",
+    "PassEntry",
+    "register_pass",
+    "get_pass",
+    "list_passes",
+    "make_pass",
+    "report_from_dict",
+    "BUILTIN_MODULES",
 ]
 
 logger = logging.getLogger(__name__)
 
-MethodFn = Callable[..., tuple[onnx.ModelProto, dict[str, Any]]]
+P = TypeVar("P", bound=type[Pass])
 
-# Option a sweep along the parameter axis passes: ``ratio`` is then the fraction of the model's
-# parameters to remove (the method allocates it), not the fraction of channels per group.
-TARGET_PARAMS = "target_params"
+#: modules whose import registers the built-in passes
+BUILTIN_MODULES = ("foldonnx.passes.fold.fold_pass", "foldonnx.passes.quantize")
+
+_PASSES: dict[str, PassEntry] = {}
+_loaded = False
 
 
 @dataclass(frozen=True)
-class CompressionMethod:
-    """A named compression method."""
+class PassEntry:
+    """A registered pass: the class, the options its name fixes, a one-line summary."""
 
     name: str
-    fn: MethodFn
-    description: str = ""
+    cls: type[Pass]
+    preset: Mapping[str, Any] = field(default_factory=dict)
+    summary: str = ""
+
+    @property
+    def config(self) -> type:
+        return self.cls.Config
+
+    @property
+    def budget(self) -> Mapping[str, str]:
+        return self.cls.budget
+
+    def options(self) -> list[str]:
+        """The options a recipe step of this entry may set."""
+        return [n for n in self.cls.Config.option_names() if n not in self.preset]
+
+    def make(self, options: Mapping[str, Any] | None = None, **extra: Any) -> Pass:
+        """The pass with *options* (validated; a preset option may only be repeated as it is)."""
+        opts = {str(k).replace("-", "_"): v for k, v in (options or {}).items()}
+        specs = {s.name: s for s in self.cls.Config.options()}
+        for key, fixed in self.preset.items():
+            if key in opts and specs[key].parse(opts[key], self.name) != fixed:
+                raise UsageError(
+                    f"{self.name}: option {key} is fixed to {fixed!r} by this pass name "
+                    f"(use the pass {self.cls.name!r} to set it)"
+                )
+        config = self.cls.Config.from_options({**opts, **self.preset}, owner=self.name)
+        p = self.cls(config, **extra)
+        p.name = self.name  # reports and recipes use the registered name
+        return p
 
 
-_METHODS: dict[str, CompressionMethod] = {}
+def register_pass(
+    cls: P | None = None,
+    *,
+    name: str | None = None,
+    preset: Mapping[str, Any] | None = None,
+    summary: str | None = None,
+    replace: bool = False,
+) -> Any:
+    """Register *cls* under *name* (default ``cls.name``), with *preset* options fixed. Usable
+    as ``@register_pass`` or ``register_pass(Cls, name=..., preset=...)``."""
+
+    def deco(c: P) -> P:
+        key = name or c.name
+        if not key:
+            raise ValueError(f"{c.__name__} has no name")
+        if key in _PASSES and not replace:
+            raise ValueError(f"pass {key!r} is already registered")
+        _PASSES[key] = PassEntry(key, c, dict(preset or {}), summary or c.summary)
+        return c
+
+    return deco(cls) if cls is not None else deco
 
 
-def register_method(
-    name: str, description: str = "", *, replace: bool = False
-) -> Callable[[MethodFn], MethodFn]:
-    """Decorator adding a method under *name* (``replace=True`` to override an existing one)."""
-
-    def deco(fn: MethodFn) -> MethodFn:
-        if name in _METHODS and not replace:
-            raise ValueError(f"compression method {name!r} is already registered")
-        _METHODS[name] = CompressionMethod(
-            name=name, fn=fn, description=description or (fn.__doc__ or "").strip()
-        )
-        return fn
-
-    return deco
+def _load_builtins() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for module in BUILTIN_MODULES:
+            importlib.import_module(module)
 
 
-def list_methods() -> list[str]:
-    """Names of the registered methods, sorted."""
-    return sorted(_METHODS)
+def list_passes() -> list[str]:
+    """Names of the registered passes, sorted."""
+    _load_builtins()
+    return sorted(_PASSES)
 
 
-def get_method(name: str) -> CompressionMethod:
-    """The method called *name*; :class:`UsageError` listing the known names otherwise."""
+def get_pass(name: str) -> PassEntry:
+    """The entry called *name*; :class:`UsageError` listing the known names otherwise."""
+    _load_builtins()
     try:
-        return _METHODS[name]
+        return _PASSES[name]
     except KeyError:
-        raise UsageError(
-            f"unknown compression method {name!r} (known: {', '.join(list_methods())})"
-        ) from None
+        raise UsageError(f"unknown pass {name!r} (known: {', '.join(sorted(_PASSES))})") from None
 
 
-def _report_dict(report: Any) -> dict[str, Any]:
-    if report is None:
-        return {}
-    if isinstance(report, dict):
-        return report
-    if hasattr(report, "to_dict"):
-        return report.to_dict()
-    if dataclasses.is_dataclass(report):
-        return dataclasses.asdict(report)
-    return {"report": str(report)}
+def make_pass(name: str, options: Mapping[str, Any] | None = None, **extra: Any) -> Pass:
+    """The pass *name* configured with *options* (validated before any work)."""
+    return get_pass(name).make(options, **extra)
 
 
-def apply_method(
-    name: str, model: onnx.ModelProto, ratio: float, *, seed: int = 0, **options: Any
-) -> tuple[onnx.ModelProto, dict[str, Any]]:
-    """Run method *name* on *model* at *ratio*; returns the new model and a JSON-able report."""
-    if not 0.0 <= ratio < 1.0:
-        raise UsageError(f"ratio must be in [0, 1), got {ratio}")
-    method = get_method(name)
-    new_model, report = method.fn(model, ratio, seed=seed, **options)
-    return new_model, _report_dict(report)
-
-
-def _fold_function() -> Callable[..., Any]:
-    try:
-        from foldonnx import fold  # type: ignore[attr-defined]
-    except ImportError:
-        try:
-            from foldonnx.passes.fold import fold
-        except ImportError as exc:
-            raise PassError(f"the fold pass is not available: {exc}") from None
-    return fold
-
-
-def _fold_method(method: str, repair: str | None = None) -> MethodFn:
-    def run(
-        model: onnx.ModelProto, ratio: float, *, seed: int = 0, **options: Any
-    ) -> tuple[onnx.ModelProto, Any]:
-        if repair is not None:
-            options = {**options, "repair": repair}
-        if options.pop(TARGET_PARAMS, False):  # the sweep's parameter axis
-            return _fold_function()(model, target_params=ratio, method=method, seed=seed, **options)
-        return _fold_function()(model, ratio=ratio, method=method, seed=seed, **options)
-
-    run.__name__ = f"_{method.replace('-', '_')}" + (f"_{repair}" if repair else "")
-    return run
-
-
-register_method("fold", "model folding: k-means cluster channels of each group, merge them")(
-    _fold_method("fold")
-)
-register_method("prune-l1", "structured magnitude pruning: keep the channels of largest L1 norm")(
-    _fold_method("prune-l1")
-)
-register_method("prune-l2", "structured magnitude pruning: keep the channels of largest L2 norm")(
-    _fold_method("prune-l2")
-)
-register_method(
-    "fold-ar",
-    "model folding with the data-free repair: Fold-AR on BatchNorm groups, mlp/heads consumers "
-    "refit on synthetic images",
-)(_fold_method("fold", "ar"))
-register_method(
-    "prune-l1-ar",
-    "L1 magnitude pruning with the same data-free repair as fold-ar (mlp/heads refit on synthetic images)",
-)(_fold_method("prune-l1", "ar"))
+def report_from_dict(d: Mapping[str, Any]) -> PassReport:
+    """A report read back from its JSON form, typed by the pass that wrote it."""
+    _load_builtins()
+    entry = _PASSES.get(str(d.get("name", "")))
+    cls: Callable[..., Any] = getattr(entry.cls, "Report", PassReport) if entry else PassReport
+    return cls.from_dict(d)  # type: ignore[attr-defined]

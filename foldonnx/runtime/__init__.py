@@ -1,15 +1,15 @@
-"""Measure and shrink models in ONNX Runtime: checked sessions, interleaved benchmarks,
-profiler tables, and INT8/FP16 quantization with a fidelity check.
+"""Models in ONNX Runtime: checked sessions (the one session wrapper), interleaved latency
+benchmarks and profiler tables.
 
-``bench``, ``profile`` and ``quantize`` mirror the ``fold-onnx bench|profile|quantize``
-commands; every result is a dataclass with ``to_dict``/``from_dict`` and JSON helpers.
+``bench`` and ``profile`` mirror the ``fold-onnx bench|profile`` commands; every result is a
+dataclass with ``to_dict``/``from_dict`` and JSON helpers. Quantization is a pass
+(:mod:`foldonnx.passes.quantize`).
 """
 
 from __future__ import annotations
 
 from foldonnx.runtime.bench import bench
 from foldonnx.runtime.profile import compare_op_types, parse_trace, profile, profile_compare
-from foldonnx.runtime.quantize import QUANT_MODES, cosine_rows, fidelity, quantize
 from foldonnx.runtime.results import (
     BenchResult,
     FidelityReport,
@@ -39,10 +39,6 @@ __all__ = [
     "profile_compare",
     "compare_op_types",
     "parse_trace",
-    "quantize",
-    "fidelity",
-    "cosine_rows",
-    "QUANT_MODES",
     "create_session",
     "make_inputs",
     "resolve_providers",

@@ -32,7 +32,7 @@ and count towards the target.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -40,6 +40,7 @@ from foldonnx.analysis.channel_groups import ChannelGroup, Role
 from foldonnx.errors import PassError
 from foldonnx.graph.tensors import ModelTensors
 from foldonnx.numerics import merge as nx
+from foldonnx.numerics.allocate import BudgetError, Ladder, greedy_allocate
 from foldonnx.passes.fold.plan import group_features, kept_channels
 from foldonnx.passes.fold.rewrite import member_key
 
@@ -168,53 +169,36 @@ def allocate_ratios(
             free.append(g)
     if ledger.removed >= need or not free:
         return ratios
-    curves = {g.id: _curve(tensors, g, method, seed, grid, round_to) for g in free}
-    step = {g.id: 0 for g in free}
+
+    def cut(g: ChannelGroup, r: float) -> int:
+        return g.channels - kept_channels(g, r, round_to)
+
+    def aligned(g: ChannelGroup) -> Callable[[int], bool]:
+        return lambda removed: kept_channels(g, removed / g.channels, round_to) == g.channels - removed
+
+    ladders = [
+        Ladder(
+            g.id,
+            [cut(g, r) for r in grid],
+            list(_curve(tensors, g, method, seed, grid, round_to)),
+            aligned(g),
+        )
+        for g in free
+    ]
+    try:
+        units = greedy_allocate(ladders, need, ledger)
+    except BudgetError:
+        raise PassError(
+            f"target-params {target:g} is out of reach with the selected groups "
+            f"(at most {ledger.removed / total_params:.3f} of the parameters at ratio {grid[-1]:g})"
+        ) from None
     by_id = {g.id: g for g in free}
-
-    def cut(g: ChannelGroup, s: int) -> int:
-        return g.channels - kept_channels(g, grid[s], round_to)
-
-    def aligned(g: ChannelGroup, removed: int) -> bool:
-        return kept_channels(g, removed / g.channels, round_to) == g.channels - removed
-
-    while ledger.removed < need:
-        best, best_cost, skipped = None, np.inf, False
-        for gid, s in step.items():
-            if s + 1 >= len(grid):
-                continue
-            g = by_id[gid]
-            dc = cut(g, s + 1) - cut(g, s)
-            dp = ledger.delta(gid, dc) if dc > 0 else 0
-            if dp <= 0:  # a step that removes nothing (rounding): move past it
-                step[gid] = s + 1
-                ledger.apply(gid, dc)
-                skipped = True
-                continue
-            cost = (curves[gid][s + 1] - curves[gid][s]) / dp
-            if cost < best_cost:
-                best, best_cost = gid, cost
-        if best is None and skipped:
-            continue
-        if best is None:
-            raise PassError(
-                f"target-params {target:g} is out of reach with the selected groups "
-                f"(at most {ledger.removed / total_params:.3f} of the parameters at ratio {grid[-1]:g})"
-            )
-        g = by_id[best]
-        s = step[best]
-        dc = cut(g, s + 1) - cut(g, s)
-        if ledger.removed + ledger.delta(best, dc) >= need:
-            # the last step: the channel count whose exact parameter count is nearest the target
-            options = [c for c in range(dc + 1) if aligned(g, cut(g, s) + c)]
-            c = min(options, key=lambda c: abs(ledger.removed + ledger.delta(best, c) - need))
-            ledger.apply(best, c)
-            ratios[best] = (cut(g, s) + c) / g.channels
-            break
-        ledger.apply(best, dc)
-        step[best] = s + 1
-    for gid, s in step.items():
-        ratios.setdefault(gid, float(grid[s]))
+    for lad in ladders:
+        g = by_id[lad.key]
+        # a whole grid step keeps its grid ratio; the last, partial step its exact channel count
+        ratios[g.id] = (
+            float(grid[lad.step]) if units[g.id] == lad.units[lad.step] else units[g.id] / g.channels
+        )
     logger.info(
         "allocated ratios for target %.3f (%.4f reached): %s",
         target,

@@ -45,23 +45,19 @@ import numpy as np
 import onnx
 
 from foldonnx.analysis.channel_groups import GroupKind, Role
-from foldonnx.errors import DataError, PassError
+from foldonnx.data.activations import Moments, reduce_activations, run_subgraph, static_batch
+from foldonnx.data.calibration import calibration_feeds
+from foldonnx.errors import PassError
 from foldonnx.graph.tensors import ModelTensors
+from foldonnx.numerics.lsq import REFIT_MODES, LsqStats, choose_refit
 from foldonnx.passes.fold.plan import GroupPlan
 
 __all__ = [
     "repair_with_data",
-    "calibration_inputs",
     "Tap",
     "Consumer",
-    "LsqStats",
     "find_consumer",
     "refit_consumers",
-    "choose_refit",
-    "ridge_refit",
-    "bias_correction",
-    "lsq_error",
-    "REFIT_MODES",
 ]
 
 logger = logging.getLogger(__name__)
@@ -77,47 +73,6 @@ class Tap:
     scale: list[tuple[str, int]]  # (tensor in folded model, axis) multiplied by a
     shift: tuple[str, int] | None  # (bias tensor, axis) that takes a·b + t
     consumer: tuple[str, str, str] | None = None  # (fc2 weight, its node input value, node output)
-
-
-def calibration_inputs(
-    model: onnx.ModelProto, calib: Any, limit: int, preprocess: Callable | None = None
-) -> dict[str, np.ndarray]:
-    """Calibration data as model feeds: a SOURCE string, ImageSet, TensorSet or array."""
-    from foldonnx.data.sources import ImageSet, Preprocess, TensorSet, load_source
-
-    inits = {t.name for t in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in inits]
-    if len(inputs) != 1:
-        raise DataError(f"data repair needs a model with one image input, this one has {len(inputs)}")
-    inp = inputs[0]
-    if isinstance(calib, str):
-        from foldonnx.data.calibration import (
-            augmented_images,
-            parse_augmented,
-            parse_synthetic,
-            synthetic_images,
-        )
-
-        dims = inp.type.tensor_type.shape.dim
-        size = dims[-1].dim_value if len(dims) == 4 and dims[-1].dim_value else 224
-        if (count := parse_augmented(calib)) is not None:
-            calib = augmented_images(count, size=size)
-        elif (count := parse_synthetic(calib)) is not None:
-            calib = synthetic_images(count, size=size)
-        else:
-            calib = load_source(calib, limit=limit)
-    if isinstance(calib, ImageSet):
-        dims = inp.type.tensor_type.shape.dim
-        size = dims[-1].dim_value if len(dims) == 4 and dims[-1].dim_value else 224
-        x = (preprocess or Preprocess(size=size))(calib.subset(slice(0, limit)))
-    elif isinstance(calib, TensorSet):
-        arr = calib.arrays.get(inp.name, calib.arrays.get("", next(iter(calib.arrays.values()))))
-        x = arr[:limit]
-    else:
-        x = np.asarray(calib)[:limit]
-    if len(x) == 0:
-        raise DataError("calibration data is empty")
-    return {inp.name: np.ascontiguousarray(x, dtype=np.float32)}
 
 
 def _find_taps(tensors: ModelTensors, plan: GroupPlan) -> Tap | str:
@@ -161,67 +116,6 @@ def _find_taps(tensors: ModelTensors, plan: GroupPlan) -> Tap | str:
     return f"producer op {pnode.op_type} not handled"
 
 
-class _Stats:
-    """Running per-channel mean / variance over all non-channel axes."""
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.s1: np.ndarray | None = None
-        self.s2: np.ndarray | None = None
-
-    def add(self, x: np.ndarray, axis: int) -> None:
-        x = np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis]).astype(np.float64)
-        if self.s1 is None:
-            self.s1, self.s2 = x.sum(0), (x * x).sum(0)
-        else:
-            self.s1 += x.sum(0)
-            self.s2 += (x * x).sum(0)
-        self.n += x.shape[0]
-
-    def mean_std(self) -> tuple[np.ndarray, np.ndarray]:
-        mu = self.s1 / self.n
-        return mu, np.sqrt(np.maximum(self.s2 / self.n - mu * mu, 1e-12))
-
-
-def _session(model: onnx.ModelProto, extra: list[str]):
-    import onnxruntime as ort
-
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    for name in extra:
-        if name not in have:
-            m.graph.output.add().name = name
-            have.add(name)
-    del m.graph.value_info[:]
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    try:
-        return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001
-        raise PassError(
-            f"data repair: ONNX Runtime cannot load the model: {str(exc).splitlines()[0]}"
-        ) from None
-
-
-def _static_batch(model: onnx.ModelProto) -> int | None:
-    """The input's batch size when the graph fixes it (exported with batch 1, say)."""
-    inits = {t.name for t in model.graph.initializer}
-    for inp in model.graph.input:
-        if inp.name not in inits:
-            dims = inp.type.tensor_type.shape.dim
-            if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
-                return int(dims[0].dim_value)
-            return None
-    return None
-
-
-def _batches(feeds: dict[str, np.ndarray], size: int):
-    n = len(next(iter(feeds.values())))
-    for i in range(0, n, size):
-        yield {k: v[i : i + size] for k, v in feeds.items()}
-
-
 def repair_with_data(
     original: onnx.ModelProto,
     tensors: ModelTensors,
@@ -234,10 +128,11 @@ def repair_with_data(
     refit: bool | str = False,
     match_mlp_stats: bool = False,
     notes: list[str] | None = None,
+    progress: bool = False,
 ) -> dict[int, np.ndarray]:
     """Repair the folded model held by *tensors* in place; returns the scale factors per group."""
-    feeds = calibration_inputs(original, calib, limit, preprocess)
-    batch = _static_batch(original) or batch
+    feeds = calibration_feeds(original, calib, limit=limit, preprocess=preprocess)
+    batch = static_batch(original) or batch
     taps: list[tuple[Tap, GroupPlan]] = []
     for plan in plans:
         t = _find_taps(tensors, plan)
@@ -247,17 +142,18 @@ def repair_with_data(
             continue
         taps.append((t, plan))
     names = sorted({t.value for t, plan in taps if plan.group.kind != GroupKind.MLP or match_mlp_stats})
-    orig_stats = {n: _Stats() for n in names}
-    fold_stats = {n: _Stats() for n in names}
     axis_of = {t.value: t.axis for t, _ in taps}
+    orig_stats = {n: Moments(("original", n), axis_of[n]) for n in names}
+    fold_stats = {n: Moments(("folded", n), axis_of[n]) for n in names}
     if names:
-        s_orig = _session(original, names)
-        s_fold = _session(tensors.model, names)
-        for b in _batches(feeds, batch):
-            for sess, stats in ((s_orig, orig_stats), (s_fold, fold_stats)):
-                for name, val in zip(names, sess.run(names, b), strict=False):
-                    stats[name].add(val, axis_of[name])
-        del s_orig, s_fold
+        reduce_activations(
+            {"original": original, "folded": tensors.model},
+            feeds,
+            [*orig_stats.values(), *fold_stats.values()],
+            batch=batch,
+            desc="repair statistics",
+            progress=progress,
+        )
     factors: dict[int, np.ndarray] = {}
     for tap, plan in taps:
         if plan.group.kind == GroupKind.MLP and not match_mlp_stats:
@@ -288,137 +184,10 @@ def repair_with_data(
                     notes.append(f"group {plan.group.id}: no consumer refit ({c})")
                 continue
             consumers.append(c)
-        refit_consumers(original, tensors, consumers, feeds, mode=mode, batch=batch, notes=notes)
+        refit_consumers(
+            original, tensors, consumers, feeds, mode=mode, batch=batch, notes=notes, progress=progress
+        )
     return factors
-
-
-# ----------------------------------------------------------------------------------------
-# Consumer refit: numerics (pure numpy)
-
-
-class LsqStats:
-    """Sufficient statistics of ``Y ≈ H·W + δ``: ``[H 1]ᵀ[H 1]``, ``[H 1]ᵀY``, ``ΣY²``."""
-
-    def __init__(self) -> None:
-        self.gram: np.ndarray | None = None
-        self.cross: np.ndarray | None = None
-        self.yy = 0.0
-
-    def add(self, h: np.ndarray, y: np.ndarray, weights: np.ndarray | None = None) -> None:
-        """Add rows (optionally weighted: a weight counts as that many copies of the row)."""
-        h = np.asarray(h, np.float64).reshape(-1, np.shape(h)[-1])
-        y = np.asarray(y, np.float64).reshape(-1, np.shape(y)[-1])
-        ha = np.concatenate([h, np.ones((len(h), 1))], axis=1)
-        if weights is not None:
-            wt = np.asarray(weights, np.float64).reshape(-1, 1)
-            g, c = (ha * wt).T @ ha, (ha * wt).T @ y
-            self.yy += float((wt * y * y).sum())
-        else:
-            g, c = ha.T @ ha, ha.T @ y
-            self.yy += float((y * y).sum())
-        if self.gram is None:
-            self.gram, self.cross = g, c
-        else:
-            self.gram += g
-            self.cross += c
-
-    def __iadd__(self, other: LsqStats) -> LsqStats:
-        if other.gram is not None:
-            if self.gram is None:
-                self.gram, self.cross = other.gram.copy(), other.cross.copy()
-            else:
-                self.gram += other.gram
-                self.cross += other.cross
-        self.yy += other.yy
-        return self
-
-    @property
-    def rows(self) -> float:
-        """Number of rows (sum of weights)."""
-        return 0.0 if self.gram is None else float(self.gram[-1, -1])
-
-
-def lsq_error(stats: LsqStats, w: np.ndarray, delta: np.ndarray) -> float:
-    """Mean squared error per row of ``H·W + δ`` against ``Y`` (from the statistics alone)."""
-    wa = np.vstack([w, delta[None, :]]).astype(np.float64)
-    sse = float(np.sum(wa * (stats.gram @ wa))) - 2.0 * float(np.sum(wa * stats.cross)) + stats.yy
-    return max(sse, 0.0) / max(stats.rows, 1e-12)
-
-
-def bias_correction(stats: LsqStats, w: np.ndarray) -> np.ndarray:
-    """``δ = mean(Y) − mean(H)·W``: the output mean matched per channel, weights unchanged."""
-    n = max(stats.gram[-1, -1], 1e-12)
-    mu_h, mu_y = stats.gram[-1, :-1] / n, stats.cross[-1] / n
-    return mu_y - mu_h @ np.asarray(w, np.float64)
-
-
-def ridge_refit(stats: LsqStats, w0: np.ndarray, alphas: list[float]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per α: ``W = argmin ‖H_c·W − Y_c‖² + λ‖W − W₀‖²`` on centred rows, ``δ`` the intercept.
-
-    ``λ = α · mean diag(H_cᵀH_c)`` (scale-free α). With λ > 0 the training error is never
-    above the one of ``(W₀, bias_correction)``; α → ∞ gives exactly that.
-    """
-    n = max(stats.gram[-1, -1], 1e-12)
-    mu_h, mu_y = stats.gram[-1, :-1] / n, stats.cross[-1] / n
-    gc = stats.gram[:-1, :-1] - n * np.outer(mu_h, mu_h)
-    cc = stats.cross[:-1] - n * np.outer(mu_h, mu_y)
-    evals, evecs = np.linalg.eigh((gc + gc.T) / 2)
-    evals = np.maximum(evals, 0.0)
-    scale = float(np.mean(np.diag(gc))) + 1e-12
-    w0 = np.asarray(w0, np.float64)
-    out = []
-    for a in alphas:
-        lam = a * scale
-        rhs = evecs.T @ (cc + lam * w0)
-        w = evecs @ (rhs / (evals + lam)[:, None])
-        out.append((w, mu_y - mu_h @ w))
-    return out
-
-
-#: ridge strengths tried (relative to the mean diagonal of the centred H'ᵀH'), chosen per
-#: consumer on the held-out part of the calibration set
-ALPHAS = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
-REFIT_MODES = ("none", "bias", "ridge")
-
-
-def choose_refit(
-    train: LsqStats, val: LsqStats | None, w0: np.ndarray, mode: str, alphas: tuple[float, ...] = ALPHAS
-) -> tuple[np.ndarray, np.ndarray, str, dict[str, float]]:
-    """Pick the variant with the lowest held-out error (the merged weights are a candidate),
-    then refit it on train+val. Returns ``(W, δ, label, held-out errors)``."""
-    w0 = np.asarray(w0, np.float64)
-    zero = np.zeros(w0.shape[1])
-    full = LsqStats()
-    full += train
-    if val is not None:
-        full += val
-    judge = val if val is not None and val.rows else train
-    cands: dict[str, tuple[np.ndarray, np.ndarray]] = {"none": (w0, zero)}
-    if mode in ("bias", "ridge"):
-        cands["bias"] = (w0, bias_correction(train, w0))
-    if mode == "ridge":
-        for a, (w, d) in zip(alphas, ridge_refit(train, w0, list(alphas)), strict=True):
-            cands[f"ridge{a:g}"] = (w, d)
-    errs = {k: lsq_error(judge, w, d) for k, (w, d) in cands.items()}
-    best = min(errs, key=errs.__getitem__)
-    if best == "none":
-        return w0, zero, best, errs
-    if best == "bias":
-        return w0, bias_correction(full, w0), best, errs
-    a = float(best[len("ridge") :])
-    w, d = _ridge_solve(full, w0, a)
-    return w, d, best, errs
-
-
-def _ridge_solve(stats: LsqStats, w0: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
-    """One α of :func:`ridge_refit`, by a linear solve (no eigendecomposition)."""
-    n = max(stats.gram[-1, -1], 1e-12)
-    mu_h, mu_y = stats.gram[-1, :-1] / n, stats.cross[-1] / n
-    gc = stats.gram[:-1, :-1] - n * np.outer(mu_h, mu_h)
-    cc = stats.cross[:-1] - n * np.outer(mu_h, mu_y)
-    lam = alpha * (float(np.mean(np.diag(gc))) + 1e-12)
-    w = np.linalg.solve(gc + lam * np.eye(len(gc)), cc + lam * np.asarray(w0, np.float64))
-    return w, mu_y - mu_h @ w
 
 
 # ----------------------------------------------------------------------------------------
@@ -490,70 +259,6 @@ def _branch_scale(tensors: ModelTensors, c: Consumer) -> np.ndarray | float:
     return f
 
 
-def _subgraph(model: onnx.ModelProto, inputs: list[str], outputs: list[str]) -> onnx.ModelProto:
-    """The nodes computing *outputs* from *inputs* (and graph inputs / constants)."""
-    g = model.graph
-    producer = {o: i for i, n in enumerate(g.node) for o in n.output}
-    inits = {t.name for t in g.initializer}
-    stop = set(inputs)
-    keep: set[int] = set()
-    need_graph_inputs: list[str] = []
-    todo = list(outputs)
-    seen: set[str] = set()
-    while todo:
-        v = todo.pop()
-        if v in seen or not v:
-            continue
-        seen.add(v)
-        if v in stop or v in inits:
-            continue
-        if v not in producer:
-            need_graph_inputs.append(v)
-            continue
-        i = producer[v]
-        if i not in keep:
-            keep.add(i)
-            todo.extend(g.node[i].input)
-            for a in g.node[i].attribute:  # outer-scope names used by subgraphs
-                if a.type == onnx.AttributeProto.GRAPH:
-                    todo.extend(x for n in a.g.node for x in n.input)
-    used = {x for i in keep for x in g.node[i].input}
-    graph = onnx.GraphProto()
-    graph.name = "sub"
-    graph.node.extend(g.node[i] for i in sorted(keep))
-    graph.initializer.extend(t for t in g.initializer if t.name in used)
-    graph.sparse_initializer.extend(t for t in g.sparse_initializer if t.values.name in used)
-    f32 = onnx.TensorProto.FLOAT
-    by_name = {i.name: i for i in g.input}
-    for name in dict.fromkeys([*inputs, *need_graph_inputs]):
-        if name in by_name:
-            graph.input.append(by_name[name])
-        else:
-            graph.input.append(onnx.helper.make_tensor_value_info(name, f32, None))
-    for name in outputs:
-        graph.output.append(onnx.helper.make_tensor_value_info(name, f32, None))
-    sub = onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
-    return sub
-
-
-def _run_sub(
-    model: onnx.ModelProto, have: dict[str, np.ndarray], outputs: list[str], batch: int
-) -> list[np.ndarray]:
-    sub = _subgraph(model, [k for k in have if k], outputs)
-    names = [i.name for i in sub.graph.input]
-    missing = [n for n in names if n not in have]
-    if missing:
-        raise PassError(f"consumer refit: subgraph needs {missing[0]!r}")
-    sess = _session(sub, [])
-    n = len(next(iter(have.values())))
-    parts: list[list[np.ndarray]] = [[] for _ in outputs]
-    for i in range(0, n, batch):
-        res = sess.run(outputs, {k: have[k][i : i + batch] for k in names})
-        for p, r in zip(parts, res, strict=True):
-            p.append(r)
-    return [np.concatenate(p) for p in parts]
-
-
 def _rows(a: np.ndarray, pick: np.ndarray | None) -> np.ndarray:
     """[B, T, C] → rows of the picked token positions; [B, C] → rows."""
     if a.ndim == 3 and pick is not None:
@@ -575,6 +280,7 @@ def refit_consumers(
     target: str = "residual",
     seed: int = 0,
     notes: list[str] | None = None,
+    progress: bool = False,
 ) -> dict[int, dict[str, Any]]:
     """Sequential refit: consumer by consumer in graph order, on the *folded* model's own
     hidden activations (so each fit also absorbs the error of the blocks before it), to
@@ -605,10 +311,12 @@ def refit_consumers(
     have_o: dict[str, np.ndarray] = dict(feeds)
     have_f: dict[str, np.ndarray] = dict(feeds)
     results: dict[int, dict[str, Any]] = {}
-    for c in consumers:
+    from tqdm.auto import tqdm
+
+    for c in tqdm(consumers, desc="repair refit", unit="layer", disable=not progress, leave=False):
         extra = [c.residual] if c.residual else []
-        y, *r_o = _run_sub(original, have_o, [c.output, *extra], batch)
-        (h,) = _run_sub(tensors.model, have_f, [c.hidden], batch)
+        y, *r_o = run_subgraph(original, have_o, [c.output, *extra], batch)
+        (h,) = run_subgraph(tensors.model, have_f, [c.hidden], batch)
         pick = None
         if h.ndim == 3 and tokens and h.shape[1] > tokens + 1:
             rest = np.argsort(rng.random((h.shape[0], h.shape[1] - 1)), axis=1)[:, :tokens] + 1
@@ -647,7 +355,7 @@ def refit_consumers(
         )  # fmt: skip
         if c.residual:
             have_o = {inp: feeds[inp], c.residual: r_o[0]}
-            (r_f,) = _run_sub(tensors.model, have_f, [c.residual], batch)
+            (r_f,) = run_subgraph(tensors.model, have_f, [c.residual], batch)
             have_f = {inp: feeds[inp], c.residual: r_f}
         del h, y
     if notes is not None:

@@ -1,0 +1,93 @@
+"""``foldonnx.compress``: run a recipe of passes on a model, in memory, verified once.
+
+The output model records how it was made in its metadata (``foldonnx.recipe``, every option
+spelled out). When the input already carries a recipe (it was compressed before), the output's
+recipe is the input's followed by this one, so ``compress --recipe`` applied to the original
+model reproduces the output.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import onnx
+
+from foldonnx.errors import UsageError
+from foldonnx.graph.metadata import RECIPE_KEY, read_metadata, write_metadata
+from foldonnx.onnx_file import LoadedModel, load_model
+from foldonnx.passes.base import PassContext, PipelineReport
+from foldonnx.passes.recipe import build_pipeline, recipe_text
+
+__all__ = ["compress", "check_feeds_for"]
+
+logger = logging.getLogger(__name__)
+
+
+def check_feeds_for(
+    model: onnx.ModelProto, check: Any, *, limit: int | None = 20, preprocess: Any = None
+) -> tuple[dict | None, str | None]:
+    """Check data for the pipeline's fidelity column: feeds and a label (None when not given)."""
+    if check is None:
+        return None, None
+    from foldonnx.data.feeds import model_feeds
+
+    feeds, _ = model_feeds(model, check, limit=limit, preprocess=preprocess, what="check data")
+    label = check if isinstance(check, str) else "given"
+    return feeds, f"{label} ({len(next(iter(feeds.values())))} samples)"
+
+
+def compress(
+    model: onnx.ModelProto | LoadedModel | str | os.PathLike,
+    recipe: str | os.PathLike | Sequence[Any] | Mapping[str, Any] | None = None,
+    *,
+    calib: Any = None,
+    check: Any = None,
+    check_limit: int | None = 20,
+    preprocess: Any = None,
+    verify: bool = True,
+    progress: bool = False,
+    on_progress: Callable[[str], None] | None = None,
+) -> tuple[onnx.ModelProto, PipelineReport]:
+    """Compress *model* with *recipe*; returns ``(model, report)``. The input is not modified.
+
+    *recipe*: a file, inline JSON/YAML, or a list like ``[{"fold": {"target_params": 0.15}},
+    {"quantize": {"mode": "dynamic"}}]`` (see :mod:`foldonnx.passes.recipe`). *calib*:
+    calibration data for passes that need it (a SOURCE such as ``augmented:256``, an ImageSet,
+    an array or ``{input: array}``). *check*: data on which the fidelity of the model after
+    every pass is measured (``imagenet20``, an ``.npz``…; *check_limit* samples).
+    """
+    if recipe is None:
+        raise UsageError("give a recipe (a list of passes)")
+    file_size = None
+    if isinstance(model, (str, os.PathLike)):
+        model = load_model(model)
+    if isinstance(model, LoadedModel):
+        file_size = model.file_size
+        model = model.model
+    if not isinstance(model, onnx.ModelProto):
+        raise UsageError(f"model must be an ONNX ModelProto or a path, got {type(model).__name__}")
+    pipeline = build_pipeline(recipe)  # names and options checked before any work
+    feeds, label = check_feeds_for(model, check, limit=check_limit, preprocess=preprocess)
+    pipeline.check, pipeline.check_name = feeds, label
+    ctx = PassContext(
+        calib=calib,
+        preprocess=preprocess,
+        verify=verify,
+        progress=progress,
+        file_size=file_size,
+        on_progress=on_progress,
+    )
+    result = pipeline.run(model, ctx)
+    steps = json.loads(recipe_text(pipeline))
+    earlier = read_metadata(model).get(RECIPE_KEY)
+    if earlier:
+        try:
+            steps = list(json.loads(earlier)) + steps
+        except (ValueError, TypeError):
+            logger.warning("the input's %s metadata is not a recipe; recording this run's only", RECIPE_KEY)
+    write_metadata(result.model, {RECIPE_KEY: json.dumps(steps)})
+    return result.model, result.report  # type: ignore[return-value]
