@@ -70,3 +70,42 @@ def efficientnet_lite0_dynamic_onnx(_export_cache: Path) -> Path:
     if not out.exists():
         export_model("efficientnet_lite0", out, batch="dynamic")
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_onnx(_export_cache: Path) -> Path:
+    """A 3-block pre-LN ViT (timm, random init, 32 px, width 32, 2 heads, MLP 64, dynamic
+    batch), exported with torch's TorchScript exporter at opset 17: every pass's contract runs
+    on it (graph handling only — random weights say nothing about accuracy)."""
+    _need("torch", "timm")
+    out = _export_cache / "tiny_vit.onnx"
+    if not out.exists():
+        import torch
+        from timm.models.vision_transformer import VisionTransformer
+
+        torch.manual_seed(0)
+        model = VisionTransformer(
+            img_size=32,
+            patch_size=8,
+            embed_dim=32,
+            depth=3,
+            num_heads=2,
+            mlp_ratio=2,
+            num_classes=0,
+            global_pool="",
+        ).eval()
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model,
+                (torch.randn(1, 3, 32, 32),),
+                str(out),
+                dynamo=False,
+                opset_version=17,
+                input_names=["image"],
+                output_names=["tokens"],
+                dynamic_axes={"image": {0: "batch"}, "tokens": {0: "batch"}},
+            )
+    return out

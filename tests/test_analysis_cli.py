@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from test_analysis_foldcheck import build
@@ -35,8 +36,13 @@ def test_inspect_table_totals_and_json(
     groups = groups_from_json(out.read_text())
     assert groups == find_channel_groups(onnx.load(str(attn_file)))
     data = json.loads(out.read_text())
-    assert [d["kind"] for d in data] == ["residual", "heads", "other"]
-    assert [d["foldable"] for d in data] == [False, True, False]
+    assert [d["kind"] for d in data["groups"]] == ["residual", "heads", "other"]
+    assert [d["foldable"] for d in data["groups"]] == [False, True, False]
+    # the model's totals beside the groups, named as every command's JSON names them
+    model = onnx.load(str(attn_file))
+    consts = [a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    n_params = sum(int(np.prod(t.dims)) for t in [*model.graph.initializer, *consts])
+    assert data["params"] == n_params and data["macs"] > 0 and data["bytes"] == attn_file.stat().st_size
 
 
 def test_inspect_members_and_blocked_only(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -160,7 +160,7 @@ def test_sweep_writes_table_json_and_png(setup: dict[str, Path]) -> None:
     assert orig.params == H * FEAT + H + C * H + C and orig.macs == FEAT * H + H * C
     assert by["toy-prune-r0.25"].params == 24 * FEAT + 24 + C * 24 + C
     assert by["toy-prune-r0.5"].macs == FEAT * 16 + 16 * C
-    assert by["toy-prune-r0.5"].file_size < orig.file_size
+    assert by["toy-prune-r0.5"].bytes < orig.bytes
     mr = by["toy-prune-r0.5"].method_report
     assert mr["name"] == "toy-prune" and mr["params_removed"] == pytest.approx(
         1 - by["toy-prune-r0.5"].params / orig.params
@@ -201,7 +201,7 @@ def test_sweep_records_failed_points_and_quantizes(setup: dict[str, Path]) -> No
     assert by["toy-fails-r0.4"].error == "cannot remove 40% of the channels"
     assert by["toy-fails-r0.4+int8"].error == by["toy-fails-r0.4"].error
     q = by["original+int8"]
-    assert q.ok and Path(q.path).is_file() and q.file_size < by["original"].file_size
+    assert q.ok and Path(q.path).is_file() and q.bytes < by["original"].bytes
     # int8 weights are still parameters; the scale and zero point the quantizer adds per weight count too
     assert q.params == by["original"].params + 4
     assert q.metrics == {} and q.latency_ms is None  # no data, no bench asked
@@ -272,11 +272,11 @@ def test_make_results_summary_redraws_from_json(tmp_path: Path) -> None:
 
     from foldonnx.evaluate.sweep import SweepPoint
 
-    pts = [SweepPoint("original", "original", 0.0, params=100, macs=1000, file_size=400, latency_ratio=1.0,
+    pts = [SweepPoint("original", "original", 0.0, params=100, macs=1000, bytes=400, latency_ratio=1.0,
                       accuracy=0.9, metrics={"top1_agreement": 1.0, "kl_div": 0.0})]  # fmt: skip
     for r, acc, agree in ((0.2, 0.8, 0.9), (0.4, 0.5, 0.6)):
         metrics = {"top1_agreement": agree, "kl_div": r}
-        pts.append(SweepPoint(f"m-r{r}", "m", r, params=int(100 * (1 - r)), macs=500, file_size=300,
+        pts.append(SweepPoint(f"m-r{r}", "m", r, params=int(100 * (1 - r)), macs=500, bytes=300,
                               latency_ratio=1 - r, accuracy=acc, metrics=metrics))  # fmt: skip
     rep = SweepReport(model="tiny.onnx", methods=["m"], ratios=[0.2, 0.4], quantize=None, data="d",
                       task="classifier", reference_accuracy=0.9, points=pts)  # fmt: skip

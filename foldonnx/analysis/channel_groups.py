@@ -166,4 +166,9 @@ def groups_to_json(groups: list[ChannelGroup]) -> str:
 
 
 def groups_from_json(text: str) -> list[ChannelGroup]:
-    return [ChannelGroup.from_dict(d) for d in json.loads(text)]
+    """Groups from :func:`groups_to_json` text, or from ``fold-onnx inspect --json`` output
+    (a mapping whose ``groups`` holds them)."""
+    data = json.loads(text)
+    if isinstance(data, dict):
+        data = data.get("groups", [])
+    return [ChannelGroup.from_dict(d) for d in data]

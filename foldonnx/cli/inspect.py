@@ -6,8 +6,9 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from foldonnx.errors import ModelFileError
+from foldonnx.cli.common import add_json_argument, claim_json, write_json
 
 __all__ = ["register", "run"]
 
@@ -21,7 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "propagating channel axes through the graph, and show which can be folded.",
     )
     p.add_argument("model", help="ONNX file to analyse")
-    p.add_argument("--json", metavar="FILE", help="write the groups as JSON (list of ChannelGroup dicts)")
+    add_json_argument(
+        p, help="write the model's totals (params, macs, bytes) and its groups (ChannelGroup dicts) as JSON"
+    )
     p.add_argument("--blocked-only", action="store_true", help="list only groups that cannot be folded")
     p.add_argument("--members", action="store_true", help="list the members of every group too")
     p.set_defaults(func=run)
@@ -42,16 +45,21 @@ def run(args: argparse.Namespace) -> int:
     from rich.text import Text
 
     from foldonnx.analysis import find_channel_groups, summarize_groups
-    from foldonnx.analysis.channel_groups import groups_to_json
-    from foldonnx.graph.stats import count_params
-    from foldonnx.onnx_file import load_model
+    from foldonnx.graph.stats import model_stats
+    from foldonnx.onnx_file import OutputGuard, load_model
 
+    guard = OutputGuard([args.model])
+    claim_json(guard, args)
     loaded = load_model(args.model)
     t0 = time.perf_counter()
     groups = find_channel_groups(loaded.model)
     seconds = time.perf_counter() - t0
-    total = count_params(loaded.model)
+    stats = model_stats(loaded.model, loaded.file_size)
+    total = stats.params
     summary = summarize_groups(groups, loaded.model)
+    if args.quiet:
+        write_json(guard, args, _json_report(args.model, stats, summary, groups))
+        return 0
 
     console = Console(file=sys.stdout, width=None if sys.stdout.isatty() else 150)
     table = Table(title=f"channel groups of {Path(args.model).name}", show_lines=False)
@@ -93,13 +101,24 @@ def run(args: argparse.Namespace) -> int:
         f"({100 * summary['foldable_share_without_residual']:.1f}% without the residual stream); "
         f"analysis took {seconds:.2f} s"
     )
-    if args.json:
-        out = Path(args.json)
-        if not out.parent.exists():
-            raise ModelFileError(f"output folder does not exist: {out.parent}")
-        try:
-            out.write_text(groups_to_json(groups))
-        except OSError as exc:
-            raise ModelFileError(f"cannot write {out}: {exc.strerror or exc}") from None
-        console.print(f"wrote {len(groups)} groups to {out}")
+    console.print(
+        f"model: {_fmt(stats.params)} parameters, {_fmt(stats.macs)} MACs per sample"
+        + (
+            f" (assuming {', '.join(f'{k} = {v}' for k, v in stats.assumed.items())})"
+            if stats.assumed
+            else ""
+        )
+        + f", {stats.bytes / 1e6:.2f} MB"
+    )
+    write_json(guard, args, _json_report(args.model, stats, summary, groups))
     return 0
+
+
+def _json_report(path: str, stats: Any, summary: dict, groups: list) -> dict[str, Any]:
+    """The model's totals (named as in every command's JSON) beside its groups."""
+    return {
+        "model": str(path),
+        **stats.to_dict(),
+        "summary": summary,
+        "groups": [g.to_dict() for g in groups],
+    }

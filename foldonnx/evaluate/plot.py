@@ -54,7 +54,7 @@ def plot_pareto(
         quality = [point_quality(p, metric) for p in pts]
         for ax, xs in (
             (axes[0], [p.params / 1e6 if p.params is not None else None for p in pts]),
-            (axes[1], [p.file_size / 1e6 if p.file_size is not None else None for p in pts]),
+            (axes[1], [p.bytes / 1e6 if p.bytes is not None else None for p in pts]),
             (axes[2], [p.latency_ratio for p in pts]),
         ):
             xy = [(x, y) for x, y in zip(xs, quality, strict=True) if x is not None and y is not None]
@@ -70,8 +70,8 @@ def plot_pareto(
         q = point_quality(orig, metric)
         if q is not None and orig.params is not None:
             axes[0].plot([orig.params / 1e6], [q], "k*", markersize=12, label="original")
-        if q is not None and orig.file_size is not None:
-            axes[1].plot([orig.file_size / 1e6], [q], "k*", markersize=12, label="original")
+        if q is not None and orig.bytes is not None:
+            axes[1].plot([orig.bytes / 1e6], [q], "k*", markersize=12, label="original")
         if q is not None and orig.latency_ratio is not None:
             axes[2].plot([orig.latency_ratio], [q], "k*", markersize=12, label="original")
     axes[0].set_xlabel("parameters (M)")

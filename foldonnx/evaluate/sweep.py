@@ -68,7 +68,7 @@ class SweepPoint:
     path: str | None = None
     params: int | None = None
     macs: int | None = None
-    file_size: int | None = None
+    bytes: int | None = None  # on disk (the .onnx file and its external data)
     metrics: dict[str, float] = field(default_factory=dict)
     accuracy: float | None = None
     probe: dict[str, Any] | None = None
@@ -114,7 +114,13 @@ class SweepReport:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SweepReport:
-        return cls(**{**d, "points": [SweepPoint(**p) for p in d.get("points", [])]})
+        points = []
+        for p in d.get("points", []):
+            p = dict(p)
+            if "file_size" in p:  # sweeps written before sizes were named as everywhere else
+                p["bytes"] = p.pop("file_size")
+            points.append(SweepPoint(**p))
+        return cls(**{**d, "points": points})
 
     def original(self, quantize: str | None = None) -> SweepPoint | None:
         return next((p for p in self.points if p.method == ORIGINAL and p.quantize == quantize), None)
@@ -354,7 +360,7 @@ def measure_sizes(points: Sequence[SweepPoint]) -> None:
         if p.ok and p.path:
             lm = load_model(p.path)
             st = model_stats(lm.model, lm.file_size)
-            p.params, p.macs, p.file_size = st.params, st.macs, st.bytes
+            p.params, p.macs, p.bytes = st.params, st.macs, st.bytes
 
 
 def evaluate_points(
@@ -487,7 +493,7 @@ def _markdown(report: SweepReport) -> str:
             ),
             _fmt(p.macs / 1e6 if p.macs is not None else None, ".1f"),
             _fmt(100 * p.macs / orig.macs if orig and orig.macs and p.macs is not None else None, ".1f"),
-            _fmt(p.file_size / 1e6 if p.file_size is not None else None, ".2f"),
+            _fmt(p.bytes / 1e6 if p.bytes is not None else None, ".2f"),
         ]
         row += [_fmt(p.metrics.get(k), ".4f") for k in metric_keys]
         if has_acc:

@@ -77,7 +77,7 @@ class OptionSpec:
         """*value* (a string from the command line, or a recipe's JSON/YAML value) converted
         to the field's type; :class:`UsageError` naming the option otherwise."""
         where = f"{owner}: option {self.name}" if owner else f"option {self.name}"
-        if self.parse_hook is not None and not isinstance(value, str):
+        if self.parse_hook is not None and value is not None and not isinstance(value, str):
             value = self.parse_hook(value)
         if value is None or (
             isinstance(value, str) and value.strip().lower() in _NONE and self.kind is not str
@@ -87,6 +87,8 @@ class OptionSpec:
             raise UsageError(f"{where} needs a value")
         if self.parse_hook is not None and isinstance(value, str):
             value = self.parse_hook(value)
+            if value is None:
+                return None
         try:
             out = self._convert(value)
         except (TypeError, ValueError):

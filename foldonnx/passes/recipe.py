@@ -89,13 +89,24 @@ def _steps(data: Any, where: str) -> list[RecipeStep]:
     return out
 
 
+def _looks_like_path(text: str) -> bool:
+    """A recipe file name rather than inline JSON/YAML text."""
+    t = text.strip()
+    if not t or t[0] in "[{" or "\n" in t or ":" in t:
+        return t.endswith(_SUFFIXES) and t[0] not in "[{"
+    if t.endswith(_SUFFIXES):
+        return True
+    try:
+        return Path(t).is_file()
+    except OSError:  # not a possible file name (too long, ...)
+        return False
+
+
 def load_recipe(recipe: str | os.PathLike | Sequence[Any] | Mapping[str, Any]) -> list[RecipeStep]:
     """The steps of *recipe* (a file, inline JSON/YAML text, or already-parsed data)."""
     if isinstance(recipe, (list, tuple, Mapping)):
         return _steps(recipe, "recipe")
-    if isinstance(recipe, os.PathLike) or (
-        isinstance(recipe, str) and (recipe.endswith(_SUFFIXES) or Path(recipe).is_file())
-    ):
+    if isinstance(recipe, os.PathLike) or (isinstance(recipe, str) and _looks_like_path(recipe)):
         path = Path(recipe)
         if not path.is_file():
             raise UsageError(f"recipe file not found: {path}")
