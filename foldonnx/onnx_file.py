@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +33,12 @@ __all__ = [
     "save_model",
     "model_byte_size",
     "external_data_files",
+    "check_model_file",
     "OutputGuard",
     "check_output_path",
     "write_text_atomic",
+    "make_temp_dir",
+    "remove_stale_temp",
     "TWO_GB",
 ]
 
@@ -126,6 +130,60 @@ def _tensor_nbytes(t: onnx.TensorProto) -> int:
     return n * item
 
 
+TEMP_PREFIX = ".foldonnx-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_stale_temp(parent: str | os.PathLike) -> int:
+    """Remove the temporary folders and files an earlier run left in *parent* when it was
+    killed (SIGKILL, power loss): their names carry the writing process's pid, and a pid that is
+    no longer alive means nothing will finish them. Returns how many were removed."""
+    removed = 0
+    folder = Path(parent) if str(parent) else Path(".")
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return 0
+    for entry in entries:
+        name = entry.name
+        if not name.startswith(TEMP_PREFIX) and ".foldonnx-" not in name:
+            continue
+        tail = name.split(".foldonnx-", 1)[1]
+        pid_text = tail.split("-", 1)[0]
+        if not pid_text.isdigit() or _pid_alive(int(pid_text)):
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                entry.unlink()
+        logger.info("removed %s, left by a killed run (pid %s)", entry, pid_text)
+        removed += 1
+    return removed
+
+
+def make_temp_dir(parent: str | os.PathLike, tag: str = "") -> Path:
+    """A private temporary folder in *parent* (same file system, so the final move is a rename),
+    named ``.[tag.]foldonnx-<pid>-XXXX`` so a later run can tell it was abandoned; stale ones
+    from killed runs are removed first."""
+    folder = Path(parent) if str(parent) else Path(".")
+    remove_stale_temp(folder)
+    prefix = (f".{tag}" if tag else "") + f"{TEMP_PREFIX}{os.getpid()}-"
+    try:
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=folder))
+    except OSError as exc:
+        raise ModelFileError(f"cannot write to {folder}: {exc.strerror or exc}") from None
+
+
 def _umask() -> int:
     current = os.umask(0)
     os.umask(current)
@@ -169,14 +227,14 @@ def save_model(
     if external_data is None:
         external_data = size > _EXTERNAL_THRESHOLD
     data_name = out.name + ".data"
-    src_data = Path(source).parent / data_name if source is not None else None
-    if external_data and src_data is not None and _same_file(src_data, parent / data_name):
-        raise ModelFileError(f"output would overwrite the input's external data: {parent / data_name}")
+    if external_data and source is not None:
+        for src_data in external_data_files(source):
+            if _same_file(src_data, parent / data_name):
+                raise ModelFileError(
+                    f"output would overwrite the input's external data: {parent / data_name}"
+                )
 
-    try:
-        tmpdir = Path(tempfile.mkdtemp(prefix=".foldonnx-", dir=parent))
-    except OSError as exc:
-        raise ModelFileError(f"cannot write to {parent}: {exc.strerror or exc}") from None
+    tmpdir = make_temp_dir(parent)
     try:
         tmp_model = tmpdir / out.name
         if external_data:
@@ -216,6 +274,27 @@ def save_model(
             tmpdir.rmdir()
     logger.info("wrote %s (%.1f MB%s)", out, size / 1e6, ", external data" if external_data else "")
     return out
+
+
+def check_model_file(path: str | os.PathLike) -> LoadedModel:
+    """Read *path* without its weights, and check that every external data file it refers to
+    exists and holds the bytes it should (truncated or missing data is a one-line
+    :class:`ModelFileError` here, not an ONNX Runtime error later)."""
+    loaded = load_model(path, load_weights=False)
+    if not loaded.external_data:
+        return loaded
+    base = Path(path).parent
+    for init in loaded.model.graph.initializer:
+        if init.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in init.external_data}
+        loc = base / info.get("location", "")
+        if not loc.is_file():
+            raise ModelFileError(f"{path}: external data file {loc} is missing (tensor {init.name!r})")
+        end = int(info.get("offset", 0)) + int(info.get("length", 0))
+        if end > loc.stat().st_size:
+            raise ModelFileError(f"{path}: external data file {loc} is truncated (tensor {init.name!r})")
+    return loaded
 
 
 def external_data_files(path: str | os.PathLike) -> list[Path]:
@@ -307,7 +386,8 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     out = Path(path)
     parent = out.parent if str(out.parent) else Path(".")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".foldonnx-", suffix=".tmp", dir=parent)
+        remove_stale_temp(parent)
+        fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", suffix=".tmp", dir=parent)
     except OSError as exc:
         raise ModelFileError(f"cannot write {out}: {exc.strerror or exc}") from None
     try:

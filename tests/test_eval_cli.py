@@ -182,7 +182,7 @@ def test_missing_candidate_and_bad_input_shape(models: dict[str, Path], tmp_path
     np.savez(tmp_path / "bad.npz", np.zeros((4, 3, 5, 5), np.float32))
     rc = main(["eval", str(models["ref"]), str(models["same"]), "--data", str(tmp_path / "bad.npz")])
     err = capsys.readouterr().err.strip()
-    assert rc == 1 and "expects shape" in err and "\n" not in err
+    assert rc == 1 and "needs size 4 on axis 2, the data has shape [4, 3, 5, 5]" in err and "\n" not in err
 
 
 def test_image_folder_source_with_labels(tmp_path: Path) -> None:

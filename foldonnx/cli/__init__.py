@@ -9,6 +9,7 @@ name here when the command works. Library code logs; only this package prints.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import sys
@@ -67,7 +68,31 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so every ``finally`` cleans up (temporary files, partial
+    outputs) exactly as it does for SIGINT."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise _Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
+    with contextlib.suppress(ValueError):  # not in the main thread (e.g. called from a worker)
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _main(argv)
+    except _Terminated:
+        print("error: terminated", file=sys.stderr)
+        return 143
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -83,9 +108,6 @@ def main(argv: list[str] | None = None) -> int:
     except FoldOnnxError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
     except MemoryError:
         print("error: out of memory", file=sys.stderr)
         return 1

@@ -22,6 +22,7 @@ __all__ = [
     "add_calibration_arguments",
     "calibration_preprocess",
     "progress_printer",
+    "check_numbers",
 ]
 
 
@@ -165,3 +166,20 @@ def progress_printer(quiet: bool = False) -> Any:
 
 def short_list(items: Sequence[str], n: int = 10) -> list[str]:
     return list(items[:n]) + ([f"... and {len(items) - n} more"] if len(items) > n else [])
+
+
+def check_numbers(
+    args: argparse.Namespace, *, positive: Sequence[str] = (), nonnegative: Sequence[str] = ()
+) -> None:
+    """One-line :class:`UsageError` for an option out of range (given as attribute names of
+    *args*; options left at None are not checked)."""
+    from foldonnx.errors import UsageError
+
+    for name in positive:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    for name in nonnegative:
+        value = getattr(args, name, None)
+        if value is not None and value < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {value}")

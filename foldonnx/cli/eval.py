@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from foldonnx.errors import ModelFileError, UsageError
+from foldonnx.cli.common import add_json_argument, check_numbers, claim_json, write_json
+from foldonnx.errors import UsageError
 
 if TYPE_CHECKING:
     from foldonnx.evaluate.evaluation import EvalReport, Evaluator
@@ -49,9 +48,9 @@ def add_data_arguments(p: argparse.ArgumentParser, *, data_required: bool) -> No
     )
     p.add_argument("--probe-train", type=int, default=None, metavar="N", help="probe training images")
     p.add_argument("--probe-test", type=int, default=None, metavar="M", help="probe test images")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="samples per run (default: 16)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of subsets and splits (default: 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -64,20 +63,30 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("reference", help="uncompressed model (.onnx)")
     p.add_argument("candidates", nargs="+", help="compressed model(s) (.onnx)")
     add_data_arguments(p, data_required=True)
-    p.add_argument("--json", default=None, metavar="FILE", help="write the report as JSON")
+    add_json_argument(p, help="write the report as JSON")
     p.set_defaults(func=run)
     return p
 
 
+def check_data_arguments(args: argparse.Namespace) -> None:
+    """Range checks of the shared data options, before any work."""
+    check_numbers(
+        args, positive=("limit", "batch_size", "threads", "image_size", "probe_train", "probe_test"),
+        nonnegative=("seed",),
+    )  # fmt: skip
+    parse_floats(args.mean, "--mean")
+    parse_floats(args.std, "--std")
+
+
 def build_evaluator(args: argparse.Namespace, reference: str | Path) -> Evaluator:
     """The :class:`Evaluator` for *reference* from the shared options (also used by sweep)."""
-    from foldonnx.data.sources import load_source, resolve_preprocess
+    from foldonnx.data.feeds import model_feeds
+    from foldonnx.data.sources import resolve_preprocess
     from foldonnx.evaluate.evaluation import Evaluator, load_probe_data
-    from foldonnx.evaluate.runner import prepare_inputs
+    from foldonnx.evaluate.runner import ModelInputs
     from foldonnx.onnx_file import load_model
 
-    if args.limit is not None and args.limit <= 0:
-        raise UsageError(f"--limit must be positive, got {args.limit}")
+    check_data_arguments(args)
     model = load_model(reference, load_weights=False).model
     pre = resolve_preprocess(
         model,
@@ -85,8 +94,10 @@ def build_evaluator(args: argparse.Namespace, reference: str | Path) -> Evaluato
         mean=parse_floats(args.mean, "--mean"),
         std=parse_floats(args.std, "--std"),
     )
-    data = load_source(args.data, limit=args.limit, seed=args.seed)
-    inputs = prepare_inputs(data, model, pre)
+    feeds, labels = model_feeds(
+        model, args.data, limit=args.limit, preprocess=pre, seed=args.seed, what="--data"
+    )
+    inputs = ModelInputs(feeds, labels, str(args.data))
     probe = None
     if args.probe_data or args.probe_train or args.probe_test:
         probe = load_probe_data(
@@ -158,14 +169,18 @@ def print_report(report: EvalReport) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    for c in args.candidates:
-        if not Path(c).is_file():
-            raise ModelFileError(f"model file not found: {c}")
+    from foldonnx.onnx_file import OutputGuard, check_model_file
+
+    check_data_arguments(args)
+    guard = OutputGuard([args.reference, *args.candidates])
+    claim_json(guard, args)
+    check_model_file(args.reference)
+    for c in args.candidates:  # truncated, random or data-less candidates fail here, in one line
+        check_model_file(c)
     evaluator = build_evaluator(args, args.reference)
     results = [evaluator.evaluate(c) for c in args.candidates]
     report = evaluator.report(results)
-    print_report(report)
-    if args.json:
-        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-        print(f"wrote {args.json}", file=sys.stderr)
+    if not args.quiet:
+        print_report(report)
+    write_json(guard, args, report.to_dict())
     return 0

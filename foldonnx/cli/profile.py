@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
+from contextlib import nullcontext
 from typing import Any
 
 from foldonnx.cli.bench import add_session_arguments, parse_dims, wide_console
-from foldonnx.errors import UsageError
+from foldonnx.cli.common import add_json_argument, check_numbers, claim_json, write_json
 
 __all__ = ["register", "run", "render_profile", "render_comparison"]
 
@@ -22,12 +22,14 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL.onnx")
     p.add_argument("model2", nargs="?", default=None, metavar="MODEL2.onnx", help="e.g. the folded model")
     add_session_arguments(p)
-    p.add_argument("--batch", type=int, default=1, metavar="N")
-    p.add_argument("--warmup", type=int, default=5, metavar="N", help="untimed runs (dropped from the trace)")
-    p.add_argument("--iters", type=int, default=20, metavar="N", help="profiled runs")
-    p.add_argument("--top", type=int, default=15, metavar="N", help="rows of the node table")
-    p.add_argument("--trace-dir", default=None, metavar="DIR", help="keep ORT's JSON traces here")
-    p.add_argument("--json", default=None, metavar="FILE", help="write the result as JSON")
+    p.add_argument("--batch", type=int, default=1, metavar="N", help="batch size (default: 1)")
+    p.add_argument(
+        "--warmup", type=int, default=5, metavar="N", help="untimed runs, dropped from the trace (default: 5)"
+    )
+    p.add_argument("--iters", type=int, default=20, metavar="N", help="profiled runs (default: 20)")
+    p.add_argument("--top", type=int, default=15, metavar="N", help="rows of the node table (default: 15)")
+    p.add_argument("--trace-dir", default=None, metavar="DIR", help="keep ORT's JSON traces here (created)")
+    add_json_argument(p, help="write the result as JSON")
     p.set_defaults(func=run)
     return p
 
@@ -97,30 +99,41 @@ def render_comparison(c: Any, console: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from rich.console import Console
 
-    from foldonnx.runtime import dump_json, profile, profile_compare
+    from foldonnx.onnx_file import OutputGuard, check_model_file
+    from foldonnx.runtime import profile, profile_compare
 
-    if args.batch < 1:
-        raise UsageError(f"--batch must be >= 1, got {args.batch}")
+    check_numbers(args, positive=("batch", "iters", "top", "threads"), nonnegative=("warmup", "seed"))
+    models = [args.model] + ([args.model2] if args.model2 else [])
+    guard = OutputGuard(models)
+    claim_json(guard, args)
+    if args.trace_dir:
+        guard.claim(args.trace_dir, "--trace-dir", folder=True)
+    for m in models:
+        check_model_file(m)
     dims = parse_dims(args.dim)
-    console = wide_console()
+    if args.trace_dir:
+        Path(args.trace_dir).mkdir(exist_ok=True)
     common = dict(
         provider=args.provider, batch=args.batch, iters=args.iters, warmup=args.warmup, threads=args.threads,
         top=args.top, dims=dims, seed=args.seed, trace_dir=args.trace_dir, spinning=args.spinning,
     )  # fmt: skip
-    with Console(stderr=True).status("profiling…"):
+    status = Console(stderr=True).status("profiling…") if not args.quiet else nullcontext()
+    with status:
         if args.model2 is None:
             result: Any = profile(args.model, **common)
         else:
             result = profile_compare(args.model, args.model2, **common)
-    if args.model2 is None:
-        render_profile(result, console)
-    else:
-        render_profile(result.before, console)
-        render_profile(result.after, console)
-        render_comparison(result, console)
-    if args.json:
-        dump_json(result, args.json)
-        print(f"wrote {args.json}", file=sys.stderr)
+    if not args.quiet:
+        console = wide_console()
+        if args.model2 is None:
+            render_profile(result, console)
+        else:
+            render_profile(result.before, console)
+            render_profile(result.after, console)
+            render_comparison(result, console)
+    write_json(guard, args, [{"type": type(result).__name__, "data": result.to_dict()}])
     return 0

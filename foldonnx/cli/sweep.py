@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from foldonnx.cli.eval import add_data_arguments, build_evaluator, parse_floats
+from foldonnx.cli.common import check_numbers
+from foldonnx.cli.eval import add_data_arguments, build_evaluator, check_data_arguments, parse_floats
 from foldonnx.errors import UsageError
 
 __all__ = ["register", "run", "parse_options"]
@@ -74,49 +76,86 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "options are errors)",
     )
     p.add_argument("--out", default="sweep", metavar="DIR", help="output folder (default: ./sweep)")
-    p.add_argument("--bench-iters", type=int, default=20, help="interleaved latency rounds (0: skip)")
-    p.add_argument("--bench-warmup", type=int, default=3)
+    p.add_argument(
+        "--bench-iters", type=int, default=20, help="interleaved latency rounds (0: skip; default: 20)"
+    )
+    p.add_argument("--bench-warmup", type=int, default=3, help="untimed runs per variant (default: 3)")
     p.add_argument("--reuse", action="store_true", help="reuse variant files an earlier run left in DIR")
     add_data_arguments(p, data_required=False)
     p.set_defaults(func=run)
     return p
 
 
+def _validate(args: argparse.Namespace, methods: list[str], recipes: list[str], ratios: list[float]) -> None:
+    """Everything a sweep can refuse, before any variant is written."""
+    from foldonnx.evaluate.sweep import _check_plan, split_options
+    from foldonnx.passes.recipe import build_pipeline
+
+    check_data_arguments(args)
+    check_numbers(args, nonnegative=("bench_iters", "bench_warmup"))
+    _check_plan(ratios, methods, args.quantize, args.axis, recipes)
+    split_options(methods, parse_options(args.option))
+    for r in recipes:
+        build_pipeline(r)
+    if args.data is None and (args.probe_data or args.probe_train or args.probe_test):
+        raise UsageError("the linear probe needs --data (the fidelity set)")
+
+
 def run(args: argparse.Namespace) -> int:
+    import shutil
+
     from foldonnx.evaluate.plot import plot_pareto
     from foldonnx.evaluate.sweep import run_sweep
-    from foldonnx.onnx_file import load_model
+    from foldonnx.onnx_file import OutputGuard, check_model_file, make_temp_dir
 
     ratios = parse_floats(args.ratios, "--ratios") or []
     recipes = [r.strip() for r in (args.recipes or "").split(",") if r.strip()]
     default_methods = "" if recipes else "fold,prune-l1"
     methods = [m.strip() for m in (args.methods or default_methods).split(",") if m.strip()]
-    load_model(args.model, load_weights=False)  # a missing/bad model fails before any work
-    if args.data is None and (args.probe_data or args.probe_train or args.probe_test):
-        raise UsageError("the linear probe needs --data (the fidelity set)")
+    _validate(args, methods, recipes, ratios)
+    out = OutputGuard([args.model]).claim(args.out, "--out", folder=True)
+    check_model_file(args.model)  # a missing/bad model fails before any work
     evaluator = build_evaluator(args, args.model) if args.data else None
-    report = run_sweep(
-        args.model,
-        ratios=ratios,
-        methods=methods,
-        out_dir=args.out,
-        quantize=args.quantize,
-        evaluator=evaluator,
-        calib=args.calib or args.data,
-        bench_iters=args.bench_iters,
-        bench_warmup=args.bench_warmup,
-        threads=args.threads,
-        seed=args.seed,
-        method_options=parse_options(args.option),
-        reuse=args.reuse,
-        axis=args.axis,
-        recipes=recipes,
-    )
-    out = Path(args.out)
-    (out / "sweep.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-    md = report.to_markdown()
-    (out / "sweep.md").write_text(md)
-    plot_pareto(report, out / "pareto.png")
-    print(md)
+    # variants go to a private folder beside --out and move in only when the sweep is complete:
+    # a failed or interrupted sweep leaves no empty or partial folder (--reuse resumes in place)
+    work = out if args.reuse else make_temp_dir(out.parent, "sweep")
+    if args.reuse:
+        out.mkdir(exist_ok=True)
+    try:
+        report = run_sweep(
+            args.model,
+            ratios=ratios,
+            methods=methods,
+            out_dir=work,
+            quantize=args.quantize,
+            evaluator=evaluator,
+            calib=args.calib or args.data,
+            bench_iters=args.bench_iters,
+            bench_warmup=args.bench_warmup,
+            threads=args.threads,
+            seed=args.seed,
+            method_options=parse_options(args.option),
+            reuse=args.reuse,
+            axis=args.axis,
+            recipes=recipes,
+        )
+        for pt in report.points:  # the paths the files will have once moved
+            if pt.path and Path(pt.path).parent == work:
+                pt.path = str(out / Path(pt.path).name)
+        (work / "sweep.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        md = report.to_markdown()
+        (work / "sweep.md").write_text(md)
+        plot_pareto(report, work / "pareto.png")
+        if work != out:
+            out.mkdir(exist_ok=True)
+            for f in work.iterdir():
+                os.replace(f, out / f.name)
+            work.rmdir()
+    except BaseException:
+        if work != out:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    if not args.quiet:
+        print(md)
     print(f"wrote {out / 'sweep.json'}, {out / 'sweep.md'}, {out / 'pareto.png'}", file=sys.stderr)
     return 0 if any(p.ok for p in report.points if p.method != "original") else 1

@@ -71,6 +71,10 @@ def compress(
     if not isinstance(model, onnx.ModelProto):
         raise UsageError(f"model must be an ONNX ModelProto or a path, got {type(model).__name__}")
     pipeline = build_pipeline(recipe)  # names and options checked before any work
+    if calib is not None:  # calibration data checked against the model before any pass runs
+        from foldonnx.data.calibration import calibration_feeds
+
+        calibration_feeds(model, calib, limit=2, preprocess=preprocess)
     feeds, label = check_feeds_for(model, check, limit=check_limit, preprocess=preprocess)
     pipeline.check, pipeline.check_name = feeds, label
     ctx = PassContext(
