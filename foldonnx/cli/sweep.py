@@ -89,10 +89,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def _validate(args: argparse.Namespace, methods: list[str], recipes: list[str], ratios: list[float]) -> None:
     """Everything a sweep can refuse, before any variant is written."""
     from foldonnx.evaluate.sweep import _check_plan, split_options
+    from foldonnx.extras import require
     from foldonnx.passes.recipe import build_pipeline
 
     check_data_arguments(args)
     check_numbers(args, nonnegative=("bench_iters", "bench_warmup"))
+    require("matplotlib", "the Pareto plot of sweep")
     _check_plan(ratios, methods, args.quantize, args.axis, recipes)
     split_options(methods, parse_options(args.option))
     for r in recipes:

@@ -364,7 +364,11 @@ def _import(module: str, pip_name: str) -> Any:
     try:
         return __import__(module)
     except ImportError as exc:
-        raise ExportError(f"{module} is not installed (pip install {pip_name}): {exc}") from None
+        missing = getattr(exc, "name", None) or module
+        raise ExportError(
+            f"exporting needs the Python package {missing} ({pip_name} and torch: "
+            "pip install 'fold-onnx[export]')"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------
