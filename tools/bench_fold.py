@@ -3,6 +3,7 @@
     python tools/bench_fold.py speed     # ViT-B/16, SAM ViT-H (random init; timing only): 30 %
     python tools/bench_fold.py fidelity  # DINOv2-S and EfficientNet-Lite0 (real weights), 10/20/30 %
     python tools/bench_fold.py residual  # DINOv2-S residual stream: n_c/n-weighted LayerNorms or not
+    python tools/bench_fold.py repair-speed [--baseline DIR]  # --repair ar: cost (ViT-B/16), fidelity
     python tools/bench_fold.py all
 
 Writes ``benchmarks/fold.json`` (merged with what is already there) and ``benchmarks/fold.md``.
@@ -361,6 +362,122 @@ def bench_residual(ratios=(0.05, 0.1, 0.2)) -> dict:
     return {"images": "foolbox imagenet20 (20 images)", "rows": rows}
 
 
+# ------------------------------------------------------------------------------ repair speed
+REPAIR_SPEED_ARGS = ["--target-params", "0.2", "--groups", "mlp,heads"]
+
+
+def _timed_fold(code: Path, src: Path, repair: bool, tmp: Path) -> dict:
+    """``fold-onnx fold`` of *src* in a fresh process running the source tree *code*: wall and
+    CPU seconds (user + system, all threads) of the whole command, the load average around it."""
+    import onnx
+
+    from foldonnx.graph.stats import count_params
+
+    out, rep = tmp / "folded.onnx", tmp / "report.json"
+    for f in (out, rep):
+        f.unlink(missing_ok=True)
+    args = ["fold", str(src), str(out), *REPAIR_SPEED_ARGS, "--json", str(rep), "-q"]
+    args += ["--repair", "ar"] if repair else []
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    load = os.getloadavg()[0]
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "foldonnx", *args], env=env, cwd=tmp, capture_output=True, text=True
+    )
+    wall = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        raise SystemExit(f"fold failed ({code}): {proc.stderr.strip().splitlines()[-1:]}")
+    report = json.loads(rep.read_text())
+    return {
+        "repair": "ar" if repair else "none",
+        "wall_s": round(wall, 1),
+        "cpu_s": round((r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime), 1),
+        "pass_s": report.get("seconds"),
+        # counted on the written file (the report's count of a donated input can be stale)
+        "params_removed": round(1 - count_params(onnx.load(str(out))) / report["before"]["params"], 4),
+        "load_avg_1min": round((load + os.getloadavg()[0]) / 2, 1),
+    }
+
+
+def _repair_fidelity_child(ratios: str) -> None:
+    """Runs in a subprocess (with the source tree under test first on the path): DINOv2-S
+    ``fold --target-params R --groups mlp,heads --repair ar``, CLS and saliency cosine on
+    imagenet20 and the fold's seconds; JSON rows out."""
+    import onnx
+
+    from foldonnx.analysis import find_channel_groups
+    from foldonnx.data.sources import Preprocess, load_source
+    from foldonnx.passes.fold import fold
+
+    m = onnx.load(dinov2_path())
+    x = Preprocess(224)(load_source("imagenet20"))
+    ref_sal, ref_cls = dinov2_outputs(m, x)
+    groups = find_channel_groups(m)
+    rows = []
+    for r in (float(v) for v in ratios.split(",")):
+        t = time.perf_counter()
+        fm, rpt = fold(
+            m, target_params=r, groups="mlp,heads", channel_groups=groups, repair="ar", verify=False
+        )
+        dt = time.perf_counter() - t
+        sal, cls = dinov2_outputs(fm, x)
+        rows.append(
+            {
+                "target_params": r,
+                "cls_cosine": round(cosine(cls, ref_cls), 4),
+                "saliency_cosine": round(cosine(sal, ref_sal), 4),
+                "seconds": round(dt, 1),
+            }
+        )
+    print(json.dumps(rows))
+
+
+def bench_repair_speed(
+    baseline: Path | None, runs: int = 1, ratios: str = "0.1,0.2,0.3", baseline_label: str | None = None
+) -> dict:
+    """ViT-B/16 (random init, timing only): ``fold --target-params 0.2 --groups mlp,heads``
+    without and with ``--repair ar``, each in a fresh process, the code under test and (with
+    *baseline*, another checkout of fold-onnx) the code before, interleaved; then the fidelity
+    of ``--repair ar`` on DINOv2-S for both."""
+    import platform
+    import tempfile
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    src = CACHE / "vit_b16.onnx"
+    if not src.exists():
+        subprocess.run(
+            [sys.executable, __file__, "_export_child", SPEED_MODELS["vit_b16"][0], str(src)], check=True
+        )
+    codes = {"current": ROOT} | ({"baseline": baseline.resolve()} if baseline else {})
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="foldonnx-repair-speed-") as tmp:
+        for i in range(runs):
+            for label, code in codes.items():
+                for repair in (False, True):
+                    r = {"code": label, "run": i, **_timed_fold(code, src, repair, Path(tmp))}
+                    rows.append(r)
+                    print(json.dumps(r), flush=True)
+    fidelity = []
+    for label, code in codes.items():
+        env = {**os.environ, "PYTHONPATH": str(code)}
+        proc = subprocess.run(
+            [sys.executable, __file__, "_repair_fidelity_child", ratios],
+            env=env, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        for r in json.loads(proc.stdout.strip().splitlines()[-1]):
+            fidelity.append({"code": label, **r})
+            print(json.dumps(fidelity[-1]), flush=True)
+    return {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores shared with other jobs (load in the table)",
+        "command": "fold-onnx fold vit_b16.onnx out.onnx " + " ".join(REPAIR_SPEED_ARGS) + " [--repair ar]",
+        "baseline": (baseline_label or str(baseline)) if baseline else None,
+        "rows": rows,
+        "fidelity": fidelity,
+    }
+
+
 # ------------------------------------------------------------------------------ output
 def write(results: dict) -> None:
     OUT.mkdir(exist_ok=True)
@@ -456,6 +573,40 @@ def write(results: dict) -> None:
                 f"{r['saliency_cosine']:.4f} |"
             )
         lines.append("")
+    if "repair_speed" in old:
+        rs = old["repair_speed"]
+        lines += [
+            "## Cost of the data-free repair (`--repair ar`)",
+            "",
+            f"ViT-B/16 (timm, random init; timing only): `{rs['command']}`, each run a fresh "
+            f"process; machine: {rs['machine']}. Wall seconds swing with the other jobs on the "
+            "cores; CPU seconds (user + system, all threads) much less. *current* is this "
+            "checkout, *baseline* the code before the repair's speed-up"
+            + (f" (`{rs['baseline']}`)" if rs.get("baseline") else "")
+            + ".",
+            "",
+            "| code | repair | wall s | cpu s | params removed | load avg |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in rs["rows"]:
+            lines.append(
+                f"| {r['code']} | {r['repair']} | {r['wall_s']} | {r['cpu_s']} | "
+                f"{100 * r['params_removed']:.1f}% | {r['load_avg_1min']} |"
+            )
+        lines += [
+            "",
+            "Fidelity of `--repair ar` on DINOv2-S (`--groups mlp,heads`, foolbox imagenet20, "
+            "cosine to the uncompressed model), the same code pairs:",
+            "",
+            "| code | target params | cls_cosine | saliency_cosine | fold s |",
+            "|---|---|---|---|---|",
+        ]
+        for r in rs["fidelity"]:
+            lines.append(
+                f"| {r['code']} | {r['target_params']} | {r['cls_cosine']:.4f} | "
+                f"{r['saliency_cosine']:.4f} | {r['seconds']} |"
+            )
+        lines.append("")
     (OUT / "fold.md").write_text("\n".join(lines))
 
 
@@ -469,11 +620,17 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_export_child":
         _export_child(sys.argv[2], sys.argv[3])
         return
+    if len(sys.argv) > 1 and sys.argv[1] == "_repair_fidelity_child":
+        _repair_fidelity_child(sys.argv[2])
+        return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=("speed", "fidelity", "residual", "all"))
+    ap.add_argument("what", choices=("speed", "fidelity", "residual", "repair-speed", "all"))
     ap.add_argument("--ratios", default="0.1,0.2,0.3")
     ap.add_argument("--speed-models", default=",".join(SPEED_MODELS))
     ap.add_argument("--models", default="dinov2,effnet", help="fidelity: dinov2, effnet")
+    ap.add_argument("--baseline", type=Path, help="repair-speed: another fold-onnx checkout to compare with")
+    ap.add_argument("--baseline-label", help="repair-speed: how the table names the baseline (a commit)")
+    ap.add_argument("--runs", type=int, default=1, help="repair-speed: runs of each variant")
     args = ap.parse_args()
     results = {}
     if args.what in ("speed", "all"):
@@ -494,6 +651,11 @@ def main() -> None:
         write(results)
     if args.what in ("residual", "all"):
         results["residual"] = bench_residual()
+        write(results)
+    if args.what == "repair-speed":
+        results["repair_speed"] = bench_repair_speed(
+            args.baseline, args.runs, args.ratios, args.baseline_label
+        )
         write(results)
 
 

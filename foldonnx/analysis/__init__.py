@@ -10,6 +10,7 @@ member slice, size constant and normalisation involved — or the reason it cann
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import onnx
@@ -61,12 +62,12 @@ def summarize_groups(groups: list[ChannelGroup], model: onnx.ModelProto) -> dict
     stream), so per-kind ``params`` add up to more than the model; ``foldable_share`` counts every
     parameter once: the scalars of all tensors touched by at least one foldable group.
     """
-    sizes: dict[str, int] = {}
-    for init in model.graph.initializer:
-        n = 1
-        for d in init.dims:
-            n *= d
-        sizes[init.name] = n
+    sizes: dict[str, int] = {t.name: math.prod(t.dims) for t in model.graph.initializer}
+    for node in model.graph.node:  # weights stored as Constant nodes (Paddle exports)
+        if node.op_type == "Constant" and node.output:
+            for a in node.attribute:
+                if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+                    sizes[node.output[0]] = math.prod(a.t.dims)
     total = count_params(model)
     by_kind: dict[str, dict[str, int]] = {}
     touched: set[str] = set()

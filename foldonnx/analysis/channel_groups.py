@@ -128,9 +128,6 @@ class ChannelGroup:
     def width(self) -> int:
         return self.channels * self.unit
 
-    def members_by_role(self, role: Role) -> tuple[Member, ...]:
-        return tuple(m for m in self.members if m.role == role)
-
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["kind"] = self.kind.value

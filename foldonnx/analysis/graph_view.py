@@ -16,12 +16,16 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-__all__ = ["GraphView"]
+__all__ = ["GraphView", "SPATIAL_SIZE"]
 
 logger = logging.getLogger(__name__)
 
 # initializers smaller than this keep their values in the shape-inference copy (shape constants)
 _SMALL_CONST = 64
+
+# a free spatial size of an image input, as pooled() probes it (224 = 7 x 32 keeps the shapes of
+# stride-32 FPN necks consistent)
+SPATIAL_SIZE = 224
 
 
 class GraphView:
@@ -57,6 +61,7 @@ class GraphView:
                 self.alias[node.output[0]] = self.const_source(node.input[0])
         self._values: dict[str, np.ndarray] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
+        self._probe: dict[str, tuple[int, ...]] | None = None  # shapes at SPATIAL_SIZE, see pooled()
         # small integer tensors computed from constants (shape arithmetic): values, not editable
         self.folded: dict[str, np.ndarray] = {}
         self._fold_int_constants()
@@ -164,23 +169,51 @@ class GraphView:
             self.shapes[name] = self.shapes[src]
         for name, value in self.folded.items():
             self.shapes[name] = tuple(value.shape)
+        for name, dims in self._inferred(self._light_model(self.folded, spatial=1)).items():
+            self.shapes.setdefault(name, dims)
+
+    def _light_model(self, folded: dict[str, np.ndarray], spatial: int) -> onnx.ModelProto:
+        """A weight-free copy for shape inference: large initializers become inputs, *folded*
+        values initializers, symbolic / ``-1`` input dims concrete (free spatial dims of 4-D
+        inputs at *spatial*, the others at 1)."""
         light = onnx.ModelProto()
         light.ir_version = self.model.ir_version
         light.opset_import.extend(self.model.opset_import)
         light.graph.name = self.graph.name or "g"
-        light.graph.node.extend(n for n in self.nodes if not (n.output and n.output[0] in self.folded))
-        for name, value in self.folded.items():
+        # small aliases of constants become initializers themselves: data propagation does not
+        # pass through Identity at old opsets (a Paddle opset-7 Reshape target read via Identity)
+        aliases: dict[str, onnx.TensorProto] = {}
+        for name, src in self.alias.items():
+            proto = self._const_proto.get(src)
+            if name in folded or proto is None or proto.data_location == onnx.TensorProto.EXTERNAL:
+                continue
+            if (int(np.prod(proto.dims)) if proto.dims else 1) <= _SMALL_CONST:
+                aliases[name] = onnx.TensorProto()
+                aliases[name].CopyFrom(proto)
+                aliases[name].name = name
+        light.graph.node.extend(
+            n for n in self.nodes if not (n.output and (n.output[0] in folded or n.output[0] in aliases))
+        )
+        for name, value in folded.items():
             light.graph.initializer.append(numpy_helper.from_array(value, name))
-        light.graph.output.extend(self.graph.output)
+        light.graph.initializer.extend(aliases.values())
+        for vo in self.graph.output:
+            copy = onnx.ValueInfoProto()
+            copy.CopyFrom(vo)
+            for dim in copy.type.tensor_type.shape.dim:
+                if dim.HasField("dim_value") and dim.dim_value < 0:
+                    dim.Clear()  # a Paddle export's -1: unknown, not a size
+            light.graph.output.append(copy)
         for vi in self.graph.input:
             if vi.name in self.initializers:
                 continue
             copy = onnx.ValueInfoProto()
             copy.CopyFrom(vi)
-            for dim in copy.type.tensor_type.shape.dim:
-                if not dim.HasField("dim_value"):
+            dims = copy.type.tensor_type.shape.dim
+            for ax, dim in enumerate(dims):
+                if not dim.HasField("dim_value") or dim.dim_value <= 0:  # symbolic, or -1 (Paddle)
                     dim.Clear()
-                    dim.dim_value = 1  # symbolic (batch) dims: analyse at 1
+                    dim.dim_value = spatial if len(dims) == 4 and ax >= 2 else 1
             light.graph.input.append(copy)
         for name, proto in self.initializers.items():
             size = int(np.prod(proto.dims)) if proto.dims else 1
@@ -190,27 +223,51 @@ class GraphView:
                 light.graph.input.append(
                     onnx.helper.make_tensor_value_info(name, proto.data_type, list(proto.dims))
                 )
+        return light
+
+    @staticmethod
+    def _inferred(light: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+        """Static shapes ONNX shape inference finds in *light* (values with an unknown dim left out)."""
         try:
             inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
         except Exception as exc:  # noqa: BLE001 - inference errors must not crash the analysis
             logger.warning("shape inference failed (%s); groups touching unknown shapes are blocked", exc)
             inferred = light
         g = inferred.graph
+        shapes: dict[str, tuple[int, ...]] = {}
         for vi in list(g.input) + list(g.value_info) + list(g.output):
-            if vi.name in self.shapes:
-                continue
             tt = vi.type.tensor_type
-            if not tt.HasField("shape"):
+            if vi.name in shapes or not tt.HasField("shape"):
                 continue
-            dims = []
-            for d in tt.shape.dim:
-                if d.HasField("dim_value"):
-                    dims.append(int(d.dim_value))
-                else:
-                    dims = None
-                    break
-            if dims is not None:
-                self.shapes[vi.name] = tuple(dims)
+            dims = [int(d.dim_value) if d.HasField("dim_value") else -1 for d in tt.shape.dim]
+            if all(d >= 0 for d in dims):
+                shapes[vi.name] = tuple(dims)
+        return shapes
+
+    def _has_free_spatial_dims(self) -> bool:
+        for vi in self.graph.input:
+            dims = vi.type.tensor_type.shape.dim
+            free = any(not d.HasField("dim_value") or d.dim_value <= 0 for d in dims[2:])
+            if vi.name not in self.initializers and len(dims) == 4 and free:
+                return True
+        return False
+
+    def pooled(self, name: str) -> bool:
+        """True when every spatial axis (2, 3, ...) of *name* has size 1 — pooled features, as
+        a squeeze-excitation branch reads them — and stays 1 when the image input's free spatial
+        size is :data:`SPATIAL_SIZE` instead of 1 (a [N,3,H,W] input is analysed at H = W = 1,
+        where every feature map is 1x1)."""
+        shape = self.shapes.get(name)
+        if shape is None or len(shape) < 3 or any(s != 1 for s in shape[2:]):
+            return False
+        if self._probe is None:
+            self._probe = (
+                self._inferred(self._light_model({}, spatial=SPATIAL_SIZE))
+                if self._has_free_spatial_dims()
+                else {}
+            )
+        probe = self._probe.get(name)
+        return probe is None or len(probe) != len(shape) or all(s == 1 for s in probe[2:])
 
     # ------------------------------------------------------------------ names
     def module_path(self, node_idx: int, tensor: str = "") -> str:
@@ -328,9 +385,14 @@ def _evaluate(node: onnx.NodeProto, x: list[np.ndarray | None]) -> np.ndarray | 
         )
         return np.squeeze(x[0], axis=tuple(axes) if axes is not None else None)
     if op == "Slice":
-        starts, ends = x[1], x[2]
-        axes = x[3] if len(x) > 3 and x[3] is not None else range(len(starts))
-        steps = x[4] if len(x) > 4 and x[4] is not None else [1] * len(starts)
+        if len(x) == 1:  # opset < 10: bounds are attributes
+            starts, ends = attrs["starts"], attrs["ends"]
+            axes = attrs.get("axes", range(len(starts)))
+            steps = [1] * len(starts)
+        else:
+            starts, ends = x[1], x[2]
+            axes = x[3] if len(x) > 3 and x[3] is not None else range(len(starts))
+            steps = x[4] if len(x) > 4 and x[4] is not None else [1] * len(starts)
         sl = [slice(None)] * x[0].ndim
         for s, e, a, st in zip(starts, ends, axes, steps, strict=True):
             sl[int(a)] = slice(int(s), int(e), int(st))

@@ -627,7 +627,7 @@ def _conv_common(ctx: NodeContext, transpose: bool) -> None:
     if bias:
         ctx.eq(bias, 0, out, 1)
         ctx.role(bias, 0, Role.PARAM, "bias")
-    if len(xs) > 2 and all(s == 1 for s in xs[2:]):
+    if ctx.view.pooled(x):
         ctx.flag(out, 1, "pooled_out")  # squeeze-excitation style: runs on pooled features
     else:
         ctx.flag(out, 1, "spatial_out")
@@ -1000,12 +1000,18 @@ def _split(ctx: NodeContext) -> None:
 def _slice(ctx: NodeContext) -> None:
     x, out = ctx.inp(0), ctx.out(0)
     xs, os_ = ctx.shape(x), ctx.shape(out)
-    starts, ends = ctx.ints(ctx.inp(1)), ctx.ints(ctx.inp(2))
-    axes = ctx.ints(ctx.inp(3)) if ctx.inp(3) else None
-    steps = ctx.ints(ctx.inp(4)) if ctx.inp(4) else None
+    attributes = not ctx.inp(1)  # opset < 10: bounds are attributes, which a fold cannot rewrite
+    if attributes:
+        starts, ends = ctx.attr("starts"), ctx.attr("ends")
+        axes, steps = ctx.attr("axes"), None
+    else:
+        starts, ends = ctx.ints(ctx.inp(1)), ctx.ints(ctx.inp(2))
+        axes = ctx.ints(ctx.inp(3)) if ctx.inp(3) else None
+        steps = ctx.ints(ctx.inp(4)) if ctx.inp(4) else None
     if xs is None or os_ is None or starts is None or ends is None:
         ctx.block_node(f"Slice with run-time bounds at {ctx.label}")
         return
+    starts, ends = [int(v) for v in starts], [int(v) for v in ends]
     if axes is None:
         axes = list(range(len(starts)))
     if steps is None:
@@ -1028,8 +1034,12 @@ def _slice(ctx: NodeContext) -> None:
         if os_[a] == n:
             continue
         sliced[a] = s
-        src = ctx.view.const_source(ctx.inp(1))
         d = ctx.d(x, a)
+        if attributes:
+            if d is not None:
+                ctx.solver.block(d, f"Slice with attribute bounds (opset < 10) at {ctx.label}")
+            continue
+        src = ctx.view.const_source(ctx.inp(1))
         if d is not None and s:
             ctx.state.size_consts.append(SizeConst(src, i, starts[i], d, ctx.name, "offset"))
         e = ends[i]

@@ -165,10 +165,6 @@ def progress_printer(quiet: bool = False) -> Any:
     return say
 
 
-def short_list(items: Sequence[str], n: int = 10) -> list[str]:
-    return list(items[:n]) + ([f"... and {len(items) - n} more"] if len(items) > n else [])
-
-
 def check_numbers(
     args: argparse.Namespace, *, positive: Sequence[str] = (), nonnegative: Sequence[str] = ()
 ) -> None:

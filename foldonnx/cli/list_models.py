@@ -1,8 +1,13 @@
-"""``fold-onnx list-models [PATTERN]``: the names ``fold-onnx export`` accepts."""
+"""``fold-onnx list-models [PATTERN]``: the names ``fold-onnx export`` accepts.
+
+A pattern that matches nothing is an answer, not an error: exit 0 with "no models match
+PATTERN" on stderr (stdout stays a plain list of names for scripts).
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 __all__ = ["register", "run"]
 
@@ -30,4 +35,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"{name:<22} {spec.task:<10} {spec.description}")
         else:
             print(name)
-    return 0 if names else 1
+    if not names:
+        print(f"no models match {args.pattern}", file=sys.stderr)
+    return 0

@@ -106,7 +106,8 @@ class TapSession:
 
     ``run(feeds)`` returns ``{name: array}`` for the graph outputs and the taps. A model whose
     batch is fixed by the graph is run in chunks of that size (the last chunk padded by
-    repeating its last sample, the padding cut off again)."""
+    repeating its last sample, the padding cut off again). ``spinning=False`` stops ORT's idle
+    threads from busy-waiting after each run (numpy work between runs gets the cores)."""
 
     def __init__(
         self,
@@ -115,6 +116,7 @@ class TapSession:
         *,
         label: str = "model",
         threads: int | None = None,
+        spinning: bool | None = None,
     ) -> None:
         from foldonnx.runtime.session import create_session
 
@@ -124,7 +126,7 @@ class TapSession:
             raise PassError(f"{label}: no tensor named {missing[0]!r} in the model")
         self.label = label
         with _exposed(model, taps) as m:
-            self.rs = create_session(m, "cpu", threads=threads, label=label)
+            self.rs = create_session(m, "cpu", threads=threads, label=label, spinning=spinning)
         self.names = list(self.rs.output_names)
         self.fixed_batch = static_batch(model)
 
@@ -465,23 +467,37 @@ class SubgraphRunner:
         *,
         threads: int | None = None,
         label: str = "subgraph",
+        spinning: bool | None = None,
     ) -> None:
         sub = extract_subgraph(model, [k for k in inputs if k], list(outputs))
         self.inputs = [i.name for i in sub.graph.input]
         self.outputs = list(outputs)
-        self.session = TapSession(sub, (), label=label, threads=threads)
+        self.session = TapSession(sub, (), label=label, threads=threads, spinning=spinning)
 
     def run(self, have: Mapping[str, np.ndarray], batch: int = DEFAULT_BATCH) -> list[np.ndarray]:
         missing = [n for n in self.inputs if n not in have]
         if missing:
             raise PassError(f"subgraph needs {missing[0]!r}, which is not cached")
         feeds = {k: have[k] for k in self.inputs}
+        n = len(next(iter(feeds.values())))
         parts: list[list[np.ndarray]] = [[] for _ in self.outputs]
-        for _, b in batches(feeds, batch):
-            res = self.session.run(b, self.outputs)
-            for p, name in zip(parts, self.outputs, strict=True):
-                p.append(res[name])
-        return [np.concatenate(p) for p in parts]
+        out: list[np.ndarray] | None = None  # per-sample outputs are filled in place (no copy)
+        for start, b in batches(feeds, batch):
+            got = self.session.run(b, self.outputs)
+            res = [got[name] for name in self.outputs]
+            rows = len(next(iter(b.values())))
+            if start == 0 and all(r.ndim and len(r) == rows for r in res):
+                out = [np.empty((n, *r.shape[1:]), r.dtype) for r in res]
+            if out is not None and all(r.ndim and len(r) == rows for r in res):
+                for o, r in zip(out, res, strict=True):
+                    o[start : start + rows] = r
+                continue
+            if out is not None:  # an output that is not per sample after all
+                parts = [[o[:start]] for o in out]
+                out = None
+            for p, r in zip(parts, res, strict=True):
+                p.append(r)
+        return out if out is not None else [np.concatenate(p) for p in parts]
 
 
 def run_subgraph(
@@ -490,7 +506,9 @@ def run_subgraph(
     outputs: Sequence[str],
     batch: int = DEFAULT_BATCH,
     threads: int | None = None,
+    spinning: bool | None = None,
 ) -> list[np.ndarray]:
     """*outputs* of *model* computed from the cached tensors *have* (one-off
     :class:`SubgraphRunner`)."""
-    return SubgraphRunner(model, [k for k in have if k], outputs, threads=threads).run(have, batch)
+    runner = SubgraphRunner(model, [k for k in have if k], outputs, threads=threads, spinning=spinning)
+    return runner.run(have, batch)

@@ -297,6 +297,7 @@ def _export_torch(
             output_names=output_names,
         )  # fmt: skip
         model = load_model(raw).model
+        _check_opset(model, opset, exporter)
         _rename_outputs(model, output_names)
         model.producer_name = "fold-onnx"
         from foldonnx import __version__
@@ -396,6 +397,24 @@ def _opset(path: Path) -> int:
     return next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
+def _check_opset(model: onnx.ModelProto, requested: int, exporter: Exporter) -> None:
+    """Refuse a model at another opset than asked for. The dynamo exporter builds at opset 18
+    and converts down with onnx's version converter; where that fails it keeps 18 and only
+    warns (torch 2.14 at opsets 14-17: timm ViTs, "Resize antialias=1 is not supported when
+    converting from opset 18 to opset 17"; any ReduceMean, "No initializer or constant input
+    to node found")."""
+    got = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if got != requested:
+        hint = (
+            " (--exporter torchscript writes opsets below 18)"
+            if exporter == "dynamo" and requested < 18
+            else ""
+        )
+        raise ExportError(
+            f"the {exporter} exporter wrote opset {got}, not the requested {requested}{hint}; nothing written"
+        )
+
+
 def _torch_onnx_export(
     module: torch.nn.Module,
     examples: dict[str, torch.Tensor],
@@ -431,6 +450,7 @@ def _torch_onnx_export(
         with (
             contextlib.redirect_stdout(chatter),
             _quiet_loggers(),
+            _quiet_loggers(_CONVERTER_LOGGERS, logging.ERROR),
             torch.no_grad(),
             warnings.catch_warnings(),
         ):
@@ -447,15 +467,21 @@ def _torch_onnx_export(
         raise ExportError(f"torch.onnx.export ({exporter}) wrote no file")
 
 
+# the opset down-conversion's warnings (and traceback): _check_opset reports the outcome
+_CONVERTER_LOGGERS = ("onnxscript.version_converter", "torch.onnx._internal.exporter._compat")
+
+
 @contextlib.contextmanager
-def _quiet_loggers(names: tuple[str, ...] = ("onnx_ir", "onnxscript", "torch.onnx")):
+def _quiet_loggers(
+    names: tuple[str, ...] = ("onnx_ir", "onnxscript", "torch.onnx"), level: int = logging.WARNING
+):
     """The exporter's optimiser logs every pass at INFO: keep that for ``-vv`` (debug) only."""
     if logger.isEnabledFor(logging.DEBUG):
         yield
         return
     old = {n: logging.getLogger(n).level for n in names}
     for n in names:
-        logging.getLogger(n).setLevel(logging.WARNING)
+        logging.getLogger(n).setLevel(level)
     try:
         yield
     finally:

@@ -269,6 +269,8 @@ class Pass(ABC):
         report.name = self.name
         report.config = self.config.to_dict()
         report.before = before
+        if out is model:  # a donated input edited in place: its cached size is stale
+            ctx.cache["stats"] = [(m, st) for m, st in ctx.cache.get("stats", []) if m is not out]
         report.after = ctx.stats(out)
         report.seconds = round(time.perf_counter() - t0, 3)
         logger.info(

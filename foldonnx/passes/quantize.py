@@ -14,7 +14,13 @@ Defaults keep transformer accuracy:
   and ORT's block list of ops without FP16 kernels.
 
 ORT's quantizers work on files: :class:`QuantizePass` writes its input to a private temporary
-folder (never the working folder), quantizes there and reads the result back into memory.
+folder, quantizes there and reads the result back into memory. ORT's tools also write into the
+*working* folder (symbolic shape inference leaves ``sym_shape_infer_temp.onnx`` when it cannot
+finish; older calibrators an ``augmented_model.onnx``), so all of their work runs with that
+temporary folder as the working folder.
+
+A model ONNX Runtime cannot load (an op of a custom domain, bfloat16 tensors, an opset newer
+than ORT knows) is refused by :meth:`QuantizePass.requires` with the reason, before any work.
 :func:`quantize_file` is the file-to-file form behind ``fold-onnx quantize``: it checks the
 fidelity data before any work, runs the pass, measures fidelity to the input on real images and
 writes the output last.
@@ -22,8 +28,10 @@ writes the output last.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -52,6 +60,7 @@ __all__ = [
     "QuantizeReport",
     "quantize_file",
     "cpu_has_vnni",
+    "runtime_refusal",
 ]
 
 logger = logging.getLogger(__name__)
@@ -139,6 +148,11 @@ class QuantizePass(Pass):
     Report = QuantizeReport
     budget: ClassVar[Mapping[str, str]] = {}
 
+    def requires(self, model: onnx.ModelProto, ctx: PassContext) -> None:
+        why = runtime_refusal(model)
+        if why is not None:
+            raise PassError(f"cannot quantize: {why}")
+
     def apply(self, model: onnx.ModelProto, ctx: PassContext) -> tuple[onnx.ModelProto, QuantizeReport]:
         c = self.config
         empty = self.new_report()
@@ -159,7 +173,7 @@ class QuantizePass(Pass):
                 ctx.calib if isinstance(ctx.calib, str) else ("photos" if ctx.calib is None else "given")
             )
             report.calib_count = len(next(iter(arrays.values())))
-        with tempfile.TemporaryDirectory(prefix="foldonnx-quant-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="foldonnx-quant-") as tmp, _working_folder(tmp):
             tmpdir = Path(tmp)
             if c.mode == "fp16":
                 out = _to_fp16(model, exclude, report)
@@ -228,12 +242,13 @@ def quantize_file(
 
     check_output_path(out, inputs=[src])
     loaded = load_model(src)
+    ctx = PassContext(calib=calib if config.mode == "static" else None, preprocess=preprocess, verify=True)
+    QuantizePass(config).requires(loaded.model, ctx)  # a model ORT cannot load: refused first
     check = (
         FidelityCheck(loaded.model, check_source, limit=check_limit, preprocess=preprocess, threads=threads)
         if check_source
         else None
     )
-    ctx = PassContext(calib=calib if config.mode == "static" else None, preprocess=preprocess, verify=True)
     if config.mode == "static":  # calibration data checked against the model before the work
         ctx.calibration(loaded.model, limit=config.calib_limit, default="photos")
     res = QuantizePass(config).run(loaded.model, ctx)
@@ -263,6 +278,75 @@ def quantize_file(
         src, out, config.mode, result.size_before / 1e6, result.size_after / 1e6,
     )  # fmt: skip
     return result
+
+
+# op domains ONNX Runtime's CPU build has kernels for
+_ORT_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft", "com.microsoft.nchwc")
+
+
+def runtime_refusal(model: onnx.ModelProto) -> str | None:
+    """Why ONNX Runtime (and so its quantizers) cannot work on *model*, in one line; None when it
+    loads. Checks bfloat16 tensors, ops of custom domains and the opset first (clear reasons),
+    then creates a CPU session on the model's weightless skeleton (no weights copied)."""
+    from foldonnx.graph.verify import shape_model
+
+    g = model.graph
+    bf16 = [
+        vi.name
+        for vi in [*g.input, *g.output]
+        if vi.type.tensor_type.elem_type == onnx.TensorProto.BFLOAT16
+    ] + [t.name for t in g.initializer if t.data_type == onnx.TensorProto.BFLOAT16]
+    if bf16:
+        more = f" and {len(bf16) - 3} more" if len(bf16) > 3 else ""
+        return (
+            f"bfloat16 tensors ({', '.join(bf16[:3])}{more}): ONNX Runtime's quantizers and CPU kernels "
+            "need float32 (convert the model to float32 first)"
+        )
+    functions = {(f.domain, f.name) for f in model.functions}
+    custom = sorted(
+        {
+            f"{n.domain}.{n.op_type}"
+            for n in g.node
+            if n.domain not in _ORT_DOMAINS and (n.domain, n.op_type) not in functions
+        }
+    )
+    if custom:
+        return f"op {', '.join(custom[:3])} of a custom domain: ONNX Runtime has no kernel for it"
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is not None and opset > onnx.defs.onnx_opset_version():
+        return f"opset {opset} is newer than this onnx package knows ({onnx.defs.onnx_opset_version()})"
+    import onnxruntime as ort
+
+    skel, _ = shape_model(model)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        ort.InferenceSession(skel.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - any load failure is the reason
+        return f"ONNX Runtime cannot load it: {_ort_message(exc)}"
+    return None
+
+
+def _ort_message(exc: BaseException) -> str:
+    """ORT's error without its code prefix, file paths and C++ signatures, on one line."""
+    text = " ".join(str(exc).split())
+    text = re.sub(r"\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    text = re.sub(r"Load model from \S+ failed:", "", text)
+    text = re.sub(r"/\S+:\d+ (\S+ )*?\S+\(.*?\)( const)? ", "", text)  # src/file.h:46 void f(...)
+    text = text.strip() or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+@contextlib.contextmanager
+def _working_folder(path: str | os.PathLike) -> Iterator[None]:
+    """Run ORT's tools with *path* as the working folder (they leave files in it)."""
+    cwd = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(cwd)
 
 
 def _samples(arrays: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
@@ -364,17 +448,20 @@ def _dynamic(
         raise PassError("nothing left to quantize: every op type is excluded")
     skip = [n.name for n in model.graph.node if n.op_type in exclude]
     report.op_types, report.excluded_ops, report.excluded_nodes = types, sorted(set(exclude)), len(skip)
-    quantize_dynamic(
-        str(work),
-        str(q_path),
-        op_types_to_quantize=types,
-        per_channel=per_channel,
-        reduce_range=reduce_range,
-        weight_type=QuantType.QInt8,
-        nodes_to_exclude=skip,
-        use_external_data_format=big,
-        extra_options={"MatMulConstBOnly": True},
-    )
+    try:
+        quantize_dynamic(
+            str(work),
+            str(q_path),
+            op_types_to_quantize=types,
+            per_channel=per_channel,
+            reduce_range=reduce_range,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=skip,
+            use_external_data_format=big,
+            extra_options={"MatMulConstBOnly": True},
+        )
+    except Exception as exc:  # noqa: BLE001 - the third-party quantizer failing on this graph
+        raise PassError(f"ONNX Runtime's dynamic quantizer failed: {_ort_message(exc)}") from None
 
 
 def _static(
@@ -408,27 +495,26 @@ def _static(
     if not quantize_attention and "MatMul" in types:
         skip += _activation_matmuls(model)
     report.op_types, report.excluded_ops, report.excluded_nodes = types, sorted(float_ops), len(skip)
-    with tempfile.TemporaryDirectory(prefix="foldonnx-calib-") as aug:
-        cwd = os.getcwd()
-        os.chdir(aug)  # ORT writes its augmented calibration model into the working folder
-        try:
-            quantize_static(
-                str(work),
-                str(q_path),
-                _calibration_reader(arrays),
-                quant_format=QuantFormat.QDQ,
-                op_types_to_quantize=types,
-                per_channel=per_channel,
-                reduce_range=reduce_range,
-                activation_type=QuantType.QInt8,
-                weight_type=QuantType.QInt8,
-                nodes_to_exclude=skip,
-                use_external_data_format=big,
-                calibrate_method=methods[calibrate_method],
-                extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
-            )
-        finally:
-            os.chdir(cwd)
+    try:  # in the pass's temporary working folder: ORT may write its augmented model there
+        quantize_static(
+            str(work),
+            str(q_path),
+            _calibration_reader(arrays),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=types,
+            per_channel=per_channel,
+            reduce_range=reduce_range,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=skip,
+            use_external_data_format=big,
+            calibrate_method=methods[calibrate_method],
+            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+        )
+    except (PassError, UsageError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - the third-party quantizer failing on this graph
+        raise PassError(f"ONNX Runtime's static quantizer failed: {_ort_message(exc)}") from None
 
 
 def _shape_arithmetic_nodes(model: onnx.ModelProto) -> list[str]:

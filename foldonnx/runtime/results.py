@@ -244,10 +244,6 @@ class QuantizeResult(_Record):
     fidelity: FidelityReport | None = None
     notes: list[str] = field(default_factory=list)
 
-    @property
-    def size_ratio(self) -> float:
-        return self.size_after / self.size_before if self.size_before else float("nan")
-
 
 def dump_json(records: _Record | list[Any], path: str | os.PathLike) -> Path:
     """Write one result or a list of results as JSON (``{"type": ..., "data": ...}`` entries)."""

@@ -105,10 +105,6 @@ class InputSpec:
     shape: tuple[int | str | None, ...]
     dtype: Any  # numpy dtype class
 
-    @property
-    def batch_dim(self) -> int | str | None:
-        return self.shape[0] if self.shape else 1
-
 
 @dataclass
 class RuntimeSession:

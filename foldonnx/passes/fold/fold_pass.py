@@ -466,7 +466,7 @@ class FoldPass(Pass):
                 "ar: no data-free repair of groups without BatchNorm (the model input is not an image)"
             )
             return {}
-        size = dims[-1].dim_value if dims[-1].HasField("dim_value") and dims[-1].dim_value else 224
+        size = dims[-1].dim_value if dims[-1].HasField("dim_value") and dims[-1].dim_value > 0 else 224
         count = synthetic_count_for(self.config.synthetic_count, size)
         images = synthetic_images(count, size=size, seed=self.config.seed)
         n_before = len(notes)
@@ -590,7 +590,7 @@ class FoldPass(Pass):
                     if c.round_to > 1
                     else f"target-params {c.target_params:g} reached {reached:.3f}"
                 )
-                logger.warning(report.notes[-1])
+                logger.info(report.notes[-1])
         return result
 
 

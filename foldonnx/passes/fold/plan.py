@@ -27,7 +27,7 @@ from foldonnx.analysis.channel_groups import ChannelGroup, GroupKind, Member, Ro
 from foldonnx.errors import PassError
 from foldonnx.graph.tensors import ModelTensors
 from foldonnx.numerics import merge as nx
-from foldonnx.passes.fold.rewrite import axis_edits, member_key
+from foldonnx.passes.fold.rewrite import axis_edits, member_indices, member_key
 
 __all__ = [
     "GroupPlan",
@@ -105,7 +105,7 @@ def group_features(tensors: ModelTensors, group: ChannelGroup) -> tuple[np.ndarr
         if m.role == Role.STAT:
             continue
         arr = tensors.get(tensors.current(m.tensor, m.node))
-        sl = nx.member_slice(arr, m.axis, m.indices(group.channels, group.unit))
+        sl = nx.member_slice(arr, m.axis, member_indices(tensors, m, group.channels, group.unit))
         feats.append(sl)
         if m.role == Role.PRODUCER:
             prods.append(sl)
@@ -143,7 +143,7 @@ def plan_group(
     slices: dict[tuple, np.ndarray] = {}
     for key, m in members.items():
         arr = tensors.get(tensors.current(m.tensor, m.node))
-        slices[key] = nx.member_slice(arr, m.axis, m.indices(n, unit)).astype(np.float64)
+        slices[key] = nx.member_slice(arr, m.axis, member_indices(tensors, m, n, unit)).astype(np.float64)
 
     # --- BatchNorm: which members are BN scale/bias/mean/var of which node ---------------
     bn_slot: dict[tuple, tuple[onnx.NodeProto, int]] = {}
@@ -266,13 +266,13 @@ def _merge_along_axes(
         if name in done:  # a later axis: recompute from the tensor merged so far
             for m in on_axis:
                 key = key_of[id(m)]
-                sl = nx.member_slice(arr, axis, m.indices(n, unit)).astype(np.float64)
+                sl = nx.member_slice(arr, axis, member_indices(tensors, m, n, unit)).astype(np.float64)
                 merged[key] = (
                     nx.apply_consumer(sl, merge) if m.role == Role.CONSUMER else nx.apply_producer(sl, merge)
                 )
         done.add(name)
         current[name] = nx.replace_channels(
-            arr, axis, [(m.indices(n, unit), merged[key_of[id(m)]]) for m in on_axis], k
+            arr, axis, [(member_indices(tensors, m, n, unit), merged[key_of[id(m)]]) for m in on_axis], k
         )
 
 

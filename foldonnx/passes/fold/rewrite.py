@@ -8,11 +8,19 @@ knows where the merged values go:
   member tensor, keeping the scalars of a tensor that are not the group's — e.g. the k and v
   parts of a fused qkv weight when another member is q) and rewrites DimRefs.
 * Op handlers (:data:`NODE_HANDLERS`) fix node attributes that encode a width (Conv ``group``).
+
+Several groups can share one axis of one tensor at different offsets: the input channels of a
+conv reading a ``Concat`` of four 24-channel branches (PP-OCR's detection neck) are four groups
+at offsets 0, 24, 48 and 72. A group's member offsets are positions in the *original* tensor;
+once an earlier group has shrunk that axis, the later segments have moved. :func:`write_group`
+therefore records, per written (tensor, axis), where every original position now lies (an
+axis layout), and :func:`member_indices` maps a member's original indices through it.
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 
@@ -31,6 +39,7 @@ __all__ = [
     "add_to_tensor",
     "weight_norms",
     "member_key",
+    "member_indices",
     "NODE_HANDLERS",
 ]
 
@@ -40,6 +49,53 @@ logger = logging.getLogger(__name__)
 def member_key(m: Member) -> tuple[str, int, int, int | None, str]:
     """Members that denote the same scalars (a tensor shared by several nodes of one group)."""
     return (m.tensor, m.axis, m.offset, m.unit_stride, m.role.value)
+
+
+# per ModelTensors: (current tensor name, axis) -> current position of every position of the
+# original tensor along that axis (-1: removed by a fold); absent = not shrunk yet
+_LAYOUTS: weakref.WeakKeyDictionary[ModelTensors, dict[tuple[str, int], np.ndarray]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _layouts(tensors: ModelTensors) -> dict[tuple[str, int], np.ndarray]:
+    return _LAYOUTS.setdefault(tensors, {})
+
+
+def member_indices(tensors: ModelTensors, m: Member, channels: int, unit: int) -> np.ndarray:
+    """Indices ``[channels, unit]`` of member *m*'s scalars along its axis in the tensor its node
+    reads now: :meth:`Member.indices` mapped through the axis layout left by groups written
+    before (identity while the axis is untouched). Raises :class:`PassError` when an earlier
+    group removed some of these scalars (the two groups overlap: the analysis should not
+    produce that)."""
+    idx = m.indices(channels, unit)
+    layout = _layouts(tensors).get((tensors.current(m.tensor, m.node), m.axis))
+    if layout is None:
+        return idx
+    if idx.size and int(idx.max()) >= layout.size:
+        raise PassError(f"member {m.tensor!r} axis {m.axis}: index {int(idx.max())} beyond the original axis")
+    out = layout[idx]
+    if (out < 0).any():
+        raise PassError(f"member {m.tensor!r} axis {m.axis}: channels already removed by another group")
+    return out
+
+
+def _record_layout(tensors: ModelTensors, name: str, axis: int, length: int, keep: np.ndarray) -> None:
+    """Compose the layout of (name, axis) with one shrink that kept the positions ``keep``."""
+    layouts = _layouts(tensors)
+    step = np.where(keep, np.cumsum(keep) - 1, -1)
+    old = layouts.get((name, axis), np.arange(length))
+    layouts[(name, axis)] = np.where(old >= 0, step[np.maximum(old, 0)], -1)
+
+
+def _carry_layouts(tensors: ModelTensors, src: str, dst: str) -> None:
+    """A copy-on-write copy *dst* of *src* has *src*'s layouts."""
+    if src == dst:
+        return
+    layouts = _layouts(tensors)
+    for (name, axis), layout in list(layouts.items()):
+        if name == src:
+            layouts[(dst, axis)] = layout.copy()
 
 
 def _conv_group_handler(node: onnx.NodeProto, old_width: int, new_width: int) -> None:
@@ -104,6 +160,7 @@ def write_group(
         if not tensors.has(name):
             raise PassError(f"group {group.id}: member tensor {name!r} is not a constant")
         resolved[orig] = tensors.own(name, nodes, tag)
+        _carry_layouts(tensors, name, resolved[orig])
 
     # group members by (tensor, axis) and apply all their edits at once
     pairs: list[tuple[str, Member]] = []
@@ -120,14 +177,19 @@ def write_group(
     # plan_group computed the later axes' values on the tensor already merged along the
     # earlier ones
     written = []
+    indices = {member_key(m): member_indices(tensors, m, n, unit) for _, m in pairs}
     for (name, axis), members in by_tensor.items():
         arr = tensors.get(name)
-        edits = [(m.indices(n, unit), merged[member_key(m)]) for m in members]
+        edits = [(indices[member_key(m)], merged[member_key(m)]) for m in members]
         try:
             out = nx.replace_channels(arr, axis, edits, k)
         except ValueError as exc:
             raise PassError(f"group {group.id}: member {name!r}: {exc}") from None
+        keep = np.ones(arr.shape[axis], dtype=bool)
+        for idx, _ in edits:
+            keep[idx[k:].reshape(-1)] = False
         tensors.set(name, out)
+        _record_layout(tensors, name, axis, arr.shape[axis], keep)
         written.append(name)
 
     # dims: Reshape targets, num_heads, split sizes, ...
@@ -160,7 +222,9 @@ def write_group(
 
 def add_to_tensor(tensors: ModelTensors, node: str, tensor: str, delta: np.ndarray, tag: str) -> str:
     """``tensor += delta`` for *node* only (copy-on-write when others read it too)."""
-    name = tensors.own(tensors.current(tensor, node), {node}, tag)
+    cur = tensors.current(tensor, node)
+    name = tensors.own(cur, {node}, tag)
+    _carry_layouts(tensors, cur, name)
     arr = tensors.get(name)
     tensors.set(name, arr.astype(np.float64) + np.asarray(delta).reshape(arr.shape))
     return name
