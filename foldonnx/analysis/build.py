@@ -70,8 +70,27 @@ def _atom_classes(state: AnalysisState, d: int) -> tuple[set[int], list[str]]:
 
 
 def build_groups(state: AnalysisState) -> list[ChannelGroup]:
+    """The channel groups of an analysed graph, in stages: members per class of axes, the
+    classes that are groups (they have a producer), why a group is blocked, its unit, the size
+    constants and norms that encode its width, and the frozen :class:`ChannelGroup` records."""
+    drafts, inner_of = _draft_members(state)
+    groups = _groups_with_producers(state, drafts)
+    _block_reasons(state, groups, inner_of)
+    _assign_units(groups)
+    _attach_dims(state, groups)
+    _attach_norms(state, groups)
+    return _assemble(state, groups)
+
+
+def _add_reason(groups: dict[int, _Draft], cls: int, text: str) -> None:
+    if cls in groups and text not in groups[cls].reasons:
+        groups[cls].reasons.append(text)
+
+
+def _draft_members(state: AnalysisState) -> tuple[dict[int, _Draft], dict[int, str]]:
+    """Every role declared by the handlers, expanded into the classes of axes it covers; and
+    the classes that are also flattened into a wider axis (and where)."""
     view, solver = state.view, state.solver
-    # -------------------------------------------------- members
     drafts: dict[int, _Draft] = {}
     inner_of: dict[int, str] = {}
     for r in state.roles:
@@ -95,61 +114,68 @@ def build_groups(state: AnalysisState) -> list[ChannelGroup]:
             draft.members.append((member, atom.unit, atom))
             for p in exp.problems:
                 draft.reasons.append(p)
-    # a group needs a producer; a class whose producer is a weight computed at run time is listed
-    # too (blocked), so that it does not silently disappear
+    return drafts, inner_of
+
+
+def _groups_with_producers(state: AnalysisState, drafts: dict[int, _Draft]) -> dict[int, _Draft]:
+    """A group needs a producer; a class whose producer is a weight computed at run time is
+    listed too (blocked), so that it does not silently disappear."""
     data_const: set[int] = set()
-    for d, flag, _node in solver.flags:
+    for d, flag, _node in state.solver.flags:
         if flag == "const_data":
             data_const |= _atom_classes(state, d)[0]
-    groups = {
+    return {
         cls: d
         for cls, d in drafts.items()
         if any(m.role == Role.PRODUCER for m, _, _ in d.members)
         or (cls in data_const and any(m.role == Role.CONSUMER for m, _, _ in d.members))
     }
 
-    def reason(cls: int, text: str) -> None:
-        if cls in groups and text not in groups[cls].reasons:
-            groups[cls].reasons.append(text)
 
-    # -------------------------------------------------- blocks, flags, graph inputs / outputs
+def _block_reasons(state: AnalysisState, groups: dict[int, _Draft], inner_of: dict[int, str]) -> None:
+    """Why groups cannot be folded: blocked ops, graph inputs and outputs, reductions over the
+    channels, run-time indexing, opaque or unrelated run-time sizes, wider flattened axes."""
+    view, solver = state.view, state.solver
     for d, text in solver.blocks:
         classes, problems = _atom_classes(state, d)
         for cls in classes:
-            reason(cls, text)
+            _add_reason(groups, cls, text)
             for p in problems:
-                reason(cls, p)
+                _add_reason(groups, cls, p)
     for name in view.graph_outputs:
         shape = view.shape(name) or ()
         for ax, s in enumerate(shape):
             key = (name, ax) if not view.is_const(name) else None
             if s > 1 and key in solver.keys:
                 for cls in _atom_classes(state, solver.keys[key])[0]:
-                    reason(cls, f"reaches graph output {name}")
+                    _add_reason(groups, cls, f"reaches graph output {name}")
     for name in view.graph_inputs:
         for ax, s in enumerate(view.shape(name) or ()):
             if s > 1 and (name, ax) in solver.keys:
                 for cls in _atom_classes(state, solver.keys[(name, ax)])[0]:
-                    reason(cls, f"comes from graph input {name}")
+                    _add_reason(groups, cls, f"comes from graph input {name}")
     for d, flag, node in solver.flags:
         for cls in _atom_classes(state, d)[0]:
             if cls not in groups:
                 continue
             groups[cls].flags.add(flag)
             if flag == "reduced" and node not in state.excused_reductions:
-                reason(cls, f"reduced over the channel axis at {node}")
+                _add_reason(groups, cls, f"reduced over the channel axis at {node}")
             elif flag == "gathered":
-                reason(cls, f"indexed at run time at {node}")
+                _add_reason(groups, cls, f"indexed at run time at {node}")
             elif flag == "opaque_size":
-                reason(cls, f"axis size computed by an opaque shape expression at {node}")
+                _add_reason(groups, cls, f"axis size computed by an opaque shape expression at {node}")
     for cls, where in inner_of.items():
-        reason(cls, f"channels also flattened into a wider axis of {where}")
+        _add_reason(groups, cls, f"channels also flattened into a wider axis of {where}")
     for d, sd, node in state.runtime_sizes:
         a, b = _atom_classes(state, d)[0], _atom_classes(state, sd)[0]
         if a != b:
             for cls in a | b:
-                reason(cls, f"axis sized at run time from an unrelated tensor at {node}")
-    # -------------------------------------------------- unit per group
+                _add_reason(groups, cls, f"axis sized at run time from an unrelated tensor at {node}")
+
+
+def _assign_units(groups: dict[int, _Draft]) -> None:
+    """The scalars per channel (head_dim for heads): the producers' unit, members must agree."""
     for g in groups.values():
         units = Counter(u for m, u, _ in g.members if m.role == Role.PRODUCER) or Counter(
             u for _, u, _ in g.members
@@ -158,7 +184,11 @@ def build_groups(state: AnalysisState) -> list[ChannelGroup]:
         odd = sorted({u for _, u, _ in g.members if u != g.unit})
         if odd:
             g.reasons.append(f"members disagree on the unit size ({g.unit} vs {odd})")
-    # -------------------------------------------------- dims (size constants) and norms
+
+
+def _attach_dims(state: AnalysisState, groups: dict[int, _Draft]) -> None:
+    """Size constants (Reshape targets, split sizes, num_heads) that encode a group's width."""
+    solver = state.solver
     for sc in state.size_consts:
         exp = solver.expand(sc.dim)
         atoms = [a for a in exp.atoms if a.cls in groups]
@@ -186,59 +216,78 @@ def build_groups(state: AnalysisState) -> list[ChannelGroup]:
             continue
         what = "size" if sc.kind == "size" else "offset"
         for a in atoms:
-            reason(
+            _add_reason(
+                groups,
                 a.cls,
                 f"{what} {sc.value} in {sc.tensor} at {sc.node} depends on the widths of several groups",
             )
+
+
+def _attach_norms(state: AnalysisState, groups: dict[int, _Draft]) -> None:
     for d, norm in state.norms:
         for cls in _atom_classes(state, d)[0]:
             if cls in groups and norm not in groups[cls].norms:
                 groups[cls].norms.append(norm)
-    # -------------------------------------------------- assemble
+
+
+def _group_params(state: AnalysisState, g: _Draft, members: list[Member]) -> int:
+    """Scalars of all members' slices (a tensor on one axis counted once)."""
+    params = 0
+    seen: set[tuple[str, int, int, int | None]] = set()
+    for m in members:
+        key = (m.tensor, m.axis, m.offset, m.unit_stride)
+        if key in seen:
+            continue
+        seen.add(key)
+        proto = state.view.const_proto(m.tensor)
+        dims = list(proto.dims) if proto is not None else []
+        if dims and dims[m.axis]:
+            params += g.count * g.unit * math.prod(dims) // dims[m.axis]
+    return params
+
+
+def _group_notes(
+    state: AnalysisState,
+    g: _Draft,
+    members: list[Member],
+    users: dict[str, set[int]],
+    node_index: dict[str, int],
+) -> list[str]:
+    """Shared member tensors (copy before editing) and depthwise convs whose group follows."""
+    notes = []
+    shared = sorted({m.tensor for m in members if len(users[m.tensor]) > 1})
+    if shared:
+        notes.append(f"{len(shared)} member tensors are shared with other nodes: copy before editing")
+    width = g.count * g.unit
+    grouped = sorted(
+        {
+            m.node
+            for m in members
+            if m.op_type in ("Conv", "ConvTranspose")
+            and any(
+                a.name == "group" and a.i == width > 1 for a in state.view.nodes[node_index[m.node]].attribute
+            )
+        }
+    )
+    if grouped:
+        more = f" and {len(grouped) - 3} more" if len(grouped) > 3 else ""
+        notes.append(f"Conv group attribute equals the width (depthwise) at {', '.join(grouped[:3])}{more}")
+    return notes
+
+
+def _assemble(state: AnalysisState, groups: dict[int, _Draft]) -> list[ChannelGroup]:
+    """Frozen groups in graph order (of their first member), with kind, name and size."""
+    view = state.view
     users: dict[str, set[int]] = defaultdict(set)
     for r in state.roles:
         users[r.tensor].add(r.node_idx)
-    order: dict[int, int] = {}
     node_index = {n: i for i, n in enumerate(view.node_names)}
-    for cls, g in groups.items():
-        order[cls] = min(node_index.get(m.node, 0) for m, _, _ in g.members)
+    order = {cls: min(node_index.get(m.node, 0) for m, _, _ in g.members) for cls, g in groups.items()}
     result: list[ChannelGroup] = []
     for gid, cls in enumerate(sorted(groups, key=lambda c: order[c])):
         g = groups[cls]
         kind = _kind(g)
         members = list(dict.fromkeys(_tag_members(state, g, kind, node_index)))  # drop exact repeats
-        name = _name(state, g, kind, node_index)
-        params = 0
-        seen: set[tuple[str, int, int, int | None]] = set()
-        for m in members:
-            key = (m.tensor, m.axis, m.offset, m.unit_stride)
-            if key in seen:
-                continue
-            seen.add(key)
-            proto = view.const_proto(m.tensor)
-            dims = list(proto.dims) if proto is not None else []
-            if dims and dims[m.axis]:
-                params += g.count * g.unit * math.prod(dims) // dims[m.axis]
-        notes = []
-        shared = sorted({m.tensor for m in members if len(users[m.tensor]) > 1})
-        if shared:
-            notes.append(f"{len(shared)} member tensors are shared with other nodes: copy before editing")
-        width = g.count * g.unit
-        grouped = sorted(
-            {
-                m.node
-                for m in members
-                if m.op_type in ("Conv", "ConvTranspose")
-                and any(
-                    a.name == "group" and a.i == width > 1 for a in view.nodes[node_index[m.node]].attribute
-                )
-            }
-        )
-        if grouped:
-            more = f" and {len(grouped) - 3} more" if len(grouped) > 3 else ""
-            notes.append(
-                f"Conv group attribute equals the width (depthwise) at {', '.join(grouped[:3])}{more}"
-            )
         result.append(
             ChannelGroup(
                 id=gid,
@@ -248,10 +297,10 @@ def build_groups(state: AnalysisState) -> list[ChannelGroup]:
                 members=tuple(members),
                 dims=tuple(dict.fromkeys(g.dims)),
                 norms=tuple(g.norms),
-                name=name,
-                params=params,
+                name=_name(state, g, kind, node_index),
+                params=_group_params(state, g, members),
                 blocked=_reason_text(g.reasons),
-                notes=tuple(notes),
+                notes=tuple(_group_notes(state, g, members, users, node_index)),
             )
         )
     return result

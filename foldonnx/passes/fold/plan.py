@@ -131,7 +131,9 @@ def plan_group(
     n_init: int = 3,
     mlp_correction: bool = False,
 ) -> GroupPlan:
-    """Compute the merge of *group* down to *k* channels and its new member slices.
+    """Compute the merge of *group* down to *k* channels and its new member slices, in stages:
+    member slices (BN normalisation folded in for Fold-AR), the merge (k-means or magnitude),
+    merged slices, the data-free repair.
 
     ``repair="ar"`` applies Fold-AR to groups with BatchNorm members; ``mlp_correction`` adds
     the Gaussian bias correction of :func:`_repair_mlp` to MLP groups (off by default: it
@@ -144,77 +146,12 @@ def plan_group(
     for key, m in members.items():
         arr = tensors.get(tensors.current(m.tensor, m.node))
         slices[key] = nx.member_slice(arr, m.axis, member_indices(tensors, m, n, unit)).astype(np.float64)
-
-    # --- BatchNorm: which members are BN scale/bias/mean/var of which node ---------------
-    bn_slot: dict[tuple, tuple[onnx.NodeProto, int]] = {}
-    for key, m in members.items():
-        hit = _bn_node(tensors, m)
-        if hit is not None:
-            bn_slot[key] = hit
-    bns: dict[str, dict[int, tuple]] = {}
-    for key, (node, slot) in bn_slot.items():
-        bns.setdefault(node.name, {})[slot] = key
+    bns = _bn_slots(tensors, members)
     notes: list[str] = []
-    fold_bn = repair == "ar" and bool(bns)
-    if fold_bn:
-        # Fold-AR step 1: fold the BN normalisation into the producer feeding it
-        for bn_name, slots in bns.items():
-            if not {1, 2, 3, 4} <= set(slots):
-                notes.append(f"BN {bn_name}: not all of scale/bias/mean/var are members; not folded")
-                continue
-            bn = tensors.node(bn_name)
-            eps = _attr(bn, "epsilon", 1e-5)
-            gamma, beta = slices[slots[1]][:, :, 0], slices[slots[2]][:, :, 0]
-            mean, var = slices[slots[3]][:, :, 0], slices[slots[4]][:, :, 0]
-            inv_sigma, beta_new = nx.fold_bn_into_affine(mean, var, eps, gamma, beta)
-            feeder = _feeding_node(tensors, bn)
-            scaled = 0
-            for key, m in members.items():
-                if m.node == feeder and m.role in (Role.PRODUCER, Role.PARAM) and key not in bn_slot:
-                    slices[key] = slices[key] * inv_sigma[:, :, None]
-                    scaled += 1
-            if not scaled:
-                notes.append(f"BN {bn_name}: producer feeding it is not a member; not folded")
-                continue
-            slices[slots[2]] = beta_new[:, :, None]
-            slices[slots[3]] = np.zeros_like(slices[slots[3]])
-            slices[slots[4]] = np.full_like(slices[slots[4]], 1.0 - eps)
-
-    feat_keys = [key for key, m in members.items() if m.role != Role.STAT]
-    prod_keys = [key for key, m in members.items() if m.role == Role.PRODUCER]
-    if not feat_keys:
-        raise PassError(f"group {group.id} has no feature members")
-
-    # --- the merge ------------------------------------------------------------------------
-    features = nx.channel_features([slices[key] for key in feat_keys])
-    if method == "fold":
-        merge = nx.cluster_channels(features, k, seed=seed, n_init=n_init)
-    else:
-        if not prod_keys:
-            raise PassError(f"group {group.id} has no producer members to rank for pruning")
-        rows = nx.channel_features([slices[key] for key in prod_keys])
-        keep = nx.prune_keep(rows, k, norm=method.split("-")[1])
-        merge = nx.merge_from_keep(keep, n)
-    distortion = nx.cluster_distortion(features, merge)
-
-    # --- merged slices --------------------------------------------------------------------
-    merged: dict[tuple, np.ndarray] = {}
-    for key, m in members.items():
-        if m.role == Role.CONSUMER:
-            merged[key] = nx.apply_consumer(slices[key], merge)
-        elif m.role != Role.STAT:
-            merged[key] = nx.apply_producer(slices[key], merge)
-    for bn_name, slots in bns.items():
-        if 3 in slots and 4 in slots:
-            bn = tensors.node(bn_name)
-            eps = _attr(bn, "epsilon", 1e-5)
-            mu, var = nx.merge_bn_stats(slices[slots[3]][:, :, 0], slices[slots[4]][:, :, 0], eps, merge)
-            merged[slots[3]], merged[slots[4]] = mu[:, :, None], var[:, :, None]
-    for key in members:
-        if key not in merged:  # a STAT member that is not BN: keep the cluster mean
-            merged[key] = nx.apply_producer(slices[key], merge)
-
-    # --- data-free repair -----------------------------------------------------------------
+    if repair == "ar" and bns:
+        _fold_bn_normalisation(tensors, members, slices, bns, notes)
+    merge, distortion, prod_keys = _merge(group, members, slices, k, method, seed, n_init)
+    merged = _merged_slices(tensors, members, slices, bns, merge)
     factors = None
     extra: list[tuple[str, str, np.ndarray]] = []
     if repair == "ar" and method == "fold" and merge.k < n:
@@ -233,6 +170,102 @@ def plan_group(
         notes=notes,
         extra=extra if repair == "ar" and method == "fold" else [],
     )
+
+
+def _bn_slots(tensors: ModelTensors, members: dict[tuple, Member]) -> dict[str, dict[int, tuple]]:
+    """BatchNorm node name -> {input slot (1 scale, 2 bias, 3 mean, 4 var): member key}."""
+    bns: dict[str, dict[int, tuple]] = {}
+    for key, m in members.items():
+        hit = _bn_node(tensors, m)
+        if hit is not None:
+            node, slot = hit
+            bns.setdefault(node.name, {})[slot] = key
+    return bns
+
+
+def _fold_bn_normalisation(
+    tensors: ModelTensors,
+    members: dict[tuple, Member],
+    slices: dict[tuple, np.ndarray],
+    bns: dict[str, dict[int, tuple]],
+    notes: list[str],
+) -> None:
+    """Fold-AR step 1: fold each BN's normalisation into the producer feeding it (the BN
+    becomes the affine γ, β with μ = 0, σ² = 1)."""
+    bn_keys = {key for slots in bns.values() for key in slots.values()}
+    for bn_name, slots in bns.items():
+        if not {1, 2, 3, 4} <= set(slots):
+            notes.append(f"BN {bn_name}: not all of scale/bias/mean/var are members; not folded")
+            continue
+        bn = tensors.node(bn_name)
+        eps = _attr(bn, "epsilon", 1e-5)
+        gamma, beta = slices[slots[1]][:, :, 0], slices[slots[2]][:, :, 0]
+        mean, var = slices[slots[3]][:, :, 0], slices[slots[4]][:, :, 0]
+        inv_sigma, beta_new = nx.fold_bn_into_affine(mean, var, eps, gamma, beta)
+        feeder = _feeding_node(tensors, bn)
+        scaled = 0
+        for key, m in members.items():
+            if m.node == feeder and m.role in (Role.PRODUCER, Role.PARAM) and key not in bn_keys:
+                slices[key] = slices[key] * inv_sigma[:, :, None]
+                scaled += 1
+        if not scaled:
+            notes.append(f"BN {bn_name}: producer feeding it is not a member; not folded")
+            continue
+        slices[slots[2]] = beta_new[:, :, None]
+        slices[slots[3]] = np.zeros_like(slices[slots[3]])
+        slices[slots[4]] = np.full_like(slices[slots[4]], 1.0 - eps)
+
+
+def _merge(
+    group: ChannelGroup,
+    members: dict[tuple, Member],
+    slices: dict[tuple, np.ndarray],
+    k: int,
+    method: str,
+    seed: int,
+    n_init: int,
+) -> tuple[nx.MergeMatrix, float, list[tuple]]:
+    """The merge matrix (k-means of the channel features, or the k largest producer norms),
+    its relative distortion, and the producer keys."""
+    feat_keys = [key for key, m in members.items() if m.role != Role.STAT]
+    prod_keys = [key for key, m in members.items() if m.role == Role.PRODUCER]
+    if not feat_keys:
+        raise PassError(f"group {group.id} has no feature members")
+    features = nx.channel_features([slices[key] for key in feat_keys])
+    if method == "fold":
+        merge = nx.cluster_channels(features, k, seed=seed, n_init=n_init)
+    else:
+        if not prod_keys:
+            raise PassError(f"group {group.id} has no producer members to rank for pruning")
+        rows = nx.channel_features([slices[key] for key in prod_keys])
+        merge = nx.merge_from_keep(nx.prune_keep(rows, k, norm=method.split("-")[1]), group.channels)
+    return merge, nx.cluster_distortion(features, merge), prod_keys
+
+
+def _merged_slices(
+    tensors: ModelTensors,
+    members: dict[tuple, Member],
+    slices: dict[tuple, np.ndarray],
+    bns: dict[str, dict[int, tuple]],
+    merge: nx.MergeMatrix,
+) -> dict[tuple, np.ndarray]:
+    """Producers and parameters by cluster mean, consumers by cluster sum, BN statistics by
+    the rules of ALGORITHMS.md §1; other statistics by cluster mean."""
+    merged: dict[tuple, np.ndarray] = {}
+    for key, m in members.items():
+        if m.role == Role.CONSUMER:
+            merged[key] = nx.apply_consumer(slices[key], merge)
+        elif m.role != Role.STAT:
+            merged[key] = nx.apply_producer(slices[key], merge)
+    for bn_name, slots in bns.items():
+        if 3 in slots and 4 in slots:
+            eps = _attr(tensors.node(bn_name), "epsilon", 1e-5)
+            mu, var = nx.merge_bn_stats(slices[slots[3]][:, :, 0], slices[slots[4]][:, :, 0], eps, merge)
+            merged[slots[3]], merged[slots[4]] = mu[:, :, None], var[:, :, None]
+    for key in members:
+        if key not in merged:  # a STAT member that is not BN: keep the cluster mean
+            merged[key] = nx.apply_producer(slices[key], merge)
+    return merged
 
 
 def _merge_along_axes(
