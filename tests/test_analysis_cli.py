@@ -40,7 +40,9 @@ def test_inspect_table_totals_and_json(
     assert [d["foldable"] for d in data["groups"]] == [False, True, False]
     # the model's totals beside the groups, named as every command's JSON names them
     model = onnx.load(str(attn_file))
-    consts = [a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    consts = [
+        a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"
+    ]
     n_params = sum(int(np.prod(t.dims)) for t in [*model.graph.initializer, *consts])
     assert data["params"] == n_params and data["macs"] > 0 and data["bytes"] == attn_file.stat().st_size
 

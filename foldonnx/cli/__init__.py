@@ -24,6 +24,8 @@ COMMANDS: list[str] = [
     "list_models",
     "inspect",
     "fold",
+    "lowrank",
+    "approx_blocks",
     "quantize",
     "eval",
     "sweep",

@@ -57,8 +57,11 @@ def run(args: argparse.Namespace) -> int:
     stats = model_stats(loaded.model, loaded.file_size)
     total = stats.params
     summary = summarize_groups(groups, loaded.model)
+    from foldonnx.analysis.blocks import find_blocks
+
+    blocks = find_blocks(loaded.model, groups)
     if args.quiet:
-        write_json(guard, args, _json_report(args.model, stats, summary, groups))
+        write_json(guard, args, _json_report(args.model, stats, summary, groups, blocks))
         return 0
 
     console = Console(file=sys.stdout, width=None if sys.stdout.isatty() else 150)
@@ -110,15 +113,43 @@ def run(args: argparse.Namespace) -> int:
         )
         + f", {stats.bytes / 1e6:.2f} MB"
     )
-    write_json(guard, args, _json_report(args.model, stats, summary, groups))
+    _print_blocks(console, blocks)
+    write_json(guard, args, _json_report(args.model, stats, summary, groups, blocks))
     return 0
 
 
-def _json_report(path: str, stats: Any, summary: dict, groups: list) -> dict[str, Any]:
-    """The model's totals (named as in every command's JSON) beside its groups."""
-    return {
+def _print_blocks(console: Any, blocks: Any) -> None:
+    """The transformer blocks found on the residual stream (what ``approx-blocks`` replaces)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    if not blocks.blocks:
+        console.print(f"transformer blocks: none ({blocks.reason})")
+        return
+    t = Table(title=f"transformer blocks ({blocks.norm}, stream {blocks.layout} {list(blocks.shape)})")
+    for col, justify in (("block", "right"), ("name", "left"), ("sublayers", "left"), ("params", "right"),
+                         ("boundary in", "left"), ("boundary out", "left")):  # fmt: skip
+        t.add_column(col, justify=justify, overflow="fold")
+    for b in blocks.blocks:
+        t.add_row(
+            str(b.index),
+            escape(b.name),
+            "+".join(b.sublayers),
+            _fmt(b.params),
+            escape(b.start),
+            escape(b.end),
+        )
+    console.print(t)
+
+
+def _json_report(path: str, stats: Any, summary: dict, groups: list, blocks: Any = None) -> dict[str, Any]:
+    """The model's totals (named as in every command's JSON) beside its groups and blocks."""
+    out = {
         "model": str(path),
         **stats.to_dict(),
         "summary": summary,
         "groups": [g.to_dict() for g in groups],
     }
+    if blocks is not None:
+        out["blocks"] = blocks.to_dict()
+    return out

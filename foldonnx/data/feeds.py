@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -90,8 +91,8 @@ def model_feeds(
     """``({input name: [N, ...]}, labels or None)`` for *model* from *source* (see module
     docstring), checked by :func:`check_feeds`. Generated sources: ``augmented:N`` (crops of the
     shipped photos and CIFAR), ``offdomain:N`` (CIFAR + Fashion-MNIST crops: nothing in common
-    with the evaluation photos), ``synthetic:N`` (noise images, data-free). *limit* caps the
-    number of samples."""
+    with the evaluation photos), ``synthetic:N`` (noise images, data-free); several joined by
+    ``+`` are mixed (``offdomain:128+synthetic:128``). *limit* caps the number of samples."""
     from foldonnx.data.calibration import (
         augmented_images,
         offdomain_images,
@@ -103,6 +104,8 @@ def model_feeds(
 
     if limit is not None and limit < 1:
         raise DataError(f"{what}: the sample limit must be positive, got {limit}")
+    if isinstance(source, str) and "+" in source and not Path(source).exists():
+        return _mixed_feeds(model, source, limit=limit, preprocess=preprocess, seed=seed, what=what), None
     inputs = graph_inputs(model)
     if not inputs:
         raise DataError(f"{what}: the model has no inputs to feed")
@@ -150,6 +153,29 @@ def model_feeds(
         feeds = {k: v[:limit] for k, v in feeds.items()}
         labels = None if labels is None else labels[:limit]
     return check_feeds(model, feeds, what=what), labels
+
+
+def _mixed_feeds(
+    model: onnx.ModelProto,
+    spec: str,
+    *,
+    limit: int | None,
+    preprocess: Preprocess | None,
+    seed: int,
+    what: str,
+) -> dict[str, np.ndarray]:
+    """``A+B+…`` (e.g. ``offdomain:128+synthetic:128``): every source loaded as alone, the
+    samples interleaved in proportion (so any held-out subset draws on all of them), cut to
+    *limit*. Labels are dropped (the sources do not share classes)."""
+    parts = [p.strip() for p in spec.split("+") if p.strip()]
+    if len(parts) < 2:
+        raise DataError(f"{what}: {spec!r}: give two or more sources joined by '+'")
+    each = [model_feeds(model, part, preprocess=preprocess, seed=seed, what=what)[0] for part in parts]
+    sizes = [len(next(iter(f.values()))) for f in each]
+    order = sorted((i / sizes[j], j, i) for j in range(len(each)) for i in range(sizes[j]))
+    if limit is not None:
+        order = order[:limit]
+    return {k: np.stack([each[j][k][i] for _, j, i in order]) for k in each[0]}
 
 
 def _named(model: onnx.ModelProto, arrays: dict[str, Any], what: str) -> dict[str, Any]:

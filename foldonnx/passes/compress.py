@@ -20,7 +20,7 @@ from foldonnx.errors import UsageError
 from foldonnx.graph.metadata import RECIPE_KEY, read_metadata, write_metadata
 from foldonnx.onnx_file import LoadedModel, load_model
 from foldonnx.passes.base import PassContext, PipelineReport
-from foldonnx.passes.recipe import build_pipeline, recipe_text
+from foldonnx.passes.recipe import build_pipeline
 
 __all__ = ["compress", "check_feeds_for"]
 
@@ -44,6 +44,13 @@ def compress(
     model: onnx.ModelProto | LoadedModel | str | os.PathLike,
     recipe: str | os.PathLike | Sequence[Any] | Mapping[str, Any] | None = None,
     *,
+    auto: bool = False,
+    target_params: float | None = None,
+    target_macs: float | None = None,
+    target_latency: float | None = None,
+    methods: str | Sequence[str] | None = None,
+    quantize: str | None = None,
+    budget_minutes: float | None = None,
     calib: Any = None,
     check: Any = None,
     check_limit: int | None = 20,
@@ -59,9 +66,31 @@ def compress(
     calibration data for passes that need it (a SOURCE such as ``augmented:256``, an ImageSet,
     an array or ``{input: array}``). *check*: data on which the fidelity of the model after
     every pass is measured (``imagenet20``, an ``.npz``…; *check_limit* samples).
+
+    ``auto=True`` searches the recipe instead (:mod:`foldonnx.passes.auto`) for one of
+    *target_params* / *target_macs* (fractions to remove) or *target_latency* (a fraction of the
+    original's latency), mixing *methods* (default fold, prune, blocks, lowrank) within
+    *budget_minutes*, optionally followed by *quantize*; the recipe it finds is the one recorded.
     """
+    if auto:
+        if recipe is not None:
+            raise UsageError("give either a recipe or auto=True, not both")
+        options: dict[str, Any] = {
+            "target_params": target_params, "target_macs": target_macs, "target_latency": target_latency,
+        }  # fmt: skip
+        if methods is not None:
+            options["methods"] = methods
+        if quantize is not None:
+            options["quantize"] = quantize
+        if budget_minutes is not None:
+            options["budget_minutes"] = budget_minutes
+        recipe = [{"auto": {k: v for k, v in options.items() if v is not None}}]
+    elif any(v is not None for v in (target_params, target_macs, target_latency, methods, budget_minutes)):
+        raise UsageError(
+            "targets, methods and budget_minutes are options of auto=True (or of a recipe's steps)"
+        )
     if recipe is None:
-        raise UsageError("give a recipe (a list of passes)")
+        raise UsageError("give a recipe (a list of passes) or auto=True with a target")
     file_size = None
     if isinstance(model, (str, os.PathLike)):
         model = load_model(model)
@@ -86,7 +115,10 @@ def compress(
         on_progress=on_progress,
     )
     result = pipeline.run(model, ctx)
-    steps = json.loads(recipe_text(pipeline))
+    steps = []
+    for p, rep in zip(pipeline.passes, result.report.steps, strict=True):  # type: ignore[attr-defined]
+        expand = getattr(p, "expanded_recipe", None)
+        steps += expand(rep) if expand is not None else [{p.name: p.config.to_dict()}]
     earlier = read_metadata(model).get(RECIPE_KEY)
     if earlier:
         try:

@@ -42,7 +42,13 @@ logger = logging.getLogger(__name__)
 P = TypeVar("P", bound=type[Pass])
 
 #: modules whose import registers the built-in passes
-BUILTIN_MODULES = ("foldonnx.passes.fold.fold_pass", "foldonnx.passes.quantize")
+BUILTIN_MODULES = (
+    "foldonnx.passes.fold.fold_pass",
+    "foldonnx.passes.quantize",
+    "foldonnx.passes.lowrank",
+    "foldonnx.passes.auto",
+    "foldonnx.passes.blocks",
+)
 
 _PASSES: dict[str, PassEntry] = {}
 _loaded = False
