@@ -130,7 +130,9 @@ def add_calibration_arguments(p: argparse.ArgumentParser, *, what: str = "data-d
         "--calib",
         metavar="SOURCE",
         help=f"calibration data for {what}: a data SOURCE (see README), augmented[:N] (crops of the "
-        "shipped photos) or synthetic[:N] (random-noise images), or an .npz of model inputs",
+        "shipped photos), offdomain[:N] (crops of CIFAR and Fashion-MNIST, nothing in common with "
+        "the evaluation photos), synthetic[:N] (random-noise images), A+B (a mix, e.g. "
+        "offdomain:128+synthetic:128), or an .npz of model inputs",
     )
     p.add_argument(
         "--calib-norm",
