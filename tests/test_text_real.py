@@ -158,3 +158,23 @@ def test_missing_checkpoint_keys_are_refused(tmp_path: Path):
     save_file({"embeddings.word_embeddings.weight": torch.zeros(30522, 384)}, str(bad))
     with pytest.raises(ExportError, match="does not fit MiniLM"):
         minilm(bad)
+
+
+def test_fold_with_data_repair_feeds_every_input(minilm_export, tmp_path: Path):
+    """The data repair runs cut subgraphs that need the attention mask beside the stream (it
+    was dropped: 'subgraph needs attention_mask'); the six blocks are found on the real model."""
+    import foldonnx
+    from foldonnx.analysis.blocks import find_blocks
+
+    path, _ = minilm_export
+    model, report = foldonnx.fold(
+        str(path), target_params=0.2, repair="data", calib="sentences:train:16", groups="mlp,heads"
+    )
+    assert abs(report.params_removed - 0.2) < 0.01
+    assert any("consumer refit" in n for n in report.notes)
+    feeds = get_tokenizer("minilm")(CARD, 128)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {k: feeds[k] for k in ("input_ids", "attention_mask")})[0]
+    assert out.shape == (4, 384) and np.isfinite(out).all()
+    stack = find_blocks(onnx.load(str(path)))
+    assert len(stack.blocks) == 6 and stack.norm == "post-LN"

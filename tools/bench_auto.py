@@ -206,7 +206,7 @@ def bench_dinov2(
     return rows
 
 
-def bench_quantize(calib: str = CALIB, budget: float = BUDGET_MINUTES) -> list[dict]:
+def bench_quantize(calib: str = CALIB, budget: float = BUDGET_MINUTES, targets=(0.2, 0.3)) -> list[dict]:
     from foldonnx.passes.base import PassContext
     from foldonnx.passes.registry import make_pass
 
@@ -217,7 +217,7 @@ def bench_quantize(calib: str = CALIB, budget: float = BUDGET_MINUTES) -> list[d
     rows.append(
         _row(model, q, _save(q, "dinov2_int8"), ev, {"model": "DINOv2-S", "method": "dynamic INT8 alone"})
     )
-    for t in (0.2, 0.3):
+    for t in targets:
         m, extra = _auto(model, calib, budget, target_params=t, quantize="dynamic")
         rows.append(
             _row(
@@ -497,7 +497,7 @@ def main() -> None:
     if args.what == "dinov2":
         bench_dinov2(targets, args.calib, args.budget_minutes, frozenset(filter(None, args.skip.split(","))))
     elif args.what == "quantize":
-        bench_quantize(args.calib, args.budget_minutes)
+        bench_quantize(args.calib, args.budget_minutes, targets)
     elif args.what == "datafree":
         bench_datafree(args.budget_minutes)
     elif args.what == "peer":

@@ -466,9 +466,9 @@ def _refit_one(
         c.gid, c.weight, label, errs["none"], errs[label],
     )  # fmt: skip
     if c.residual:
-        tail = {inp: feeds[inp], c.hidden: h, c.skip: have_f[c.skip] if c.skip in have_f else s_f[0]}
+        tail = {**feeds, c.hidden: h, c.skip: have_f[c.skip] if c.skip in have_f else s_f[0]}
         (r_f,) = run_subgraph(tensors.model, tail, [c.residual], batch, spinning=False)
-        have_f = {inp: feeds[inp], c.residual: r_f}
+        have_f = {**feeds, c.residual: r_f}
     return {"variant": label, "errors": errs}, have_f
 
 
@@ -543,7 +543,7 @@ def refit_consumers(
             y, *r_o = ahead.result()
             cut_o = have_o  # the cached cut this consumer's block started from
             if c.residual:
-                have_o = {inp: feeds[inp], c.residual: r_o[0]}
+                have_o = {**feeds, c.residual: r_o[0]}
             if i + 1 < len(consumers):
                 ahead = background.submit(original_block, have_o, consumers[i + 1])
             results[c.gid], have_f = _refit_one(
