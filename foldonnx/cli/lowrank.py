@@ -153,18 +153,9 @@ def _print_report(report: Any, out_size: int, latency: float | None, quiet: bool
 
 
 def _latency(src: Path, dst: Path, iters: int, threads: int | None) -> float | None:
-    from foldonnx.runtime import bench
+    from foldonnx.runtime.bench import latency_vs
 
-    results = bench(
-        [str(src), str(dst)],
-        provider="cpu",
-        batches=[1],
-        warmup=3,
-        iters=iters,
-        threads=threads,
-        labels=["original", "lowrank"],
-    )
-    r = results[1]
+    r = latency_vs(str(src), str(dst), iters=iters, threads=threads, label="lowrank")
     return r.latency_ratio if r.ok else None
 
 

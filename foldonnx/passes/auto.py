@@ -421,13 +421,9 @@ class _Search:
 
     # -- targets on other axes -----------------------------------------------------------------
     def _latency_ratio(self, model: onnx.ModelProto) -> float:
-        from foldonnx.runtime import bench
+        from foldonnx.runtime.bench import latency_vs
 
-        results = bench(
-            [self.model, model], provider="cpu", batches=[1], warmup=3, iters=self.c.latency_iters,
-            labels=["original", "candidate"],
-        )  # fmt: skip
-        r = results[1]
+        r = latency_vs(self.model, model, iters=self.c.latency_iters)
         if not r.ok or r.latency_ratio is None:
             raise PassError(f"auto: latency of the candidate not measured: {r.reason}")
         return float(r.latency_ratio)

@@ -40,7 +40,7 @@ from foldonnx.runtime.session import (
     model_label,
 )
 
-__all__ = ["bench", "MemoryProbe", "paired_ratios", "interleaved_order"]
+__all__ = ["bench", "latency_vs", "MemoryProbe", "paired_ratios", "interleaved_order"]
 
 logger = logging.getLogger(__name__)
 
@@ -256,6 +256,24 @@ def bench(
             spinning,
         )
     return results
+
+
+def latency_vs(
+    reference: ModelLike,
+    candidate: ModelLike,
+    *,
+    iters: int = 20,
+    threads: int | None = None,
+    label: str = "candidate",
+) -> BenchResult:
+    """*candidate* timed against *reference* at batch 1 on the CPU, interleaved in one process
+    (3 warm-up rounds): the result row of the candidate, whose ``latency_ratio`` is its time as
+    a fraction of the reference's (``ok`` False with the reason when it could not be timed)."""
+    results = bench(
+        [reference, candidate], provider="cpu", batches=[1], warmup=3, iters=iters, threads=threads,
+        labels=["original", label],
+    )  # fmt: skip
+    return results[1]
 
 
 def _bench_batch(
